@@ -1,0 +1,72 @@
+"""UNet for binary segmentation (Ronneberger et al. 2015), with same-size padding."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_FEATURES = (64, 128, 256, 512)
+
+
+class DoubleConv(nn.Sequential):
+    """Two 3x3 convolutions, each followed by BatchNorm and ReLU."""
+
+    def __init__(self, in_channels, out_channels):
+        # No conv bias: BatchNorm's shift makes it redundant.
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UNet(nn.Module):
+    """Encoder-decoder with skip connections; returns logits of the input's height and width.
+
+    With the default features (64, 128, 256, 512) and a 1024-channel bottleneck the model has
+    about 31M parameters.
+    """
+
+    def __init__(self, in_channels=3, out_channels=1, features=DEFAULT_FEATURES):
+        super().__init__()
+        features = tuple(int(f) for f in features)
+        if not features or min(features) < 1:
+            raise ValueError(f"features must be positive channel counts, got {features}")
+        self.downs = nn.ModuleList()
+        self.ups = nn.ModuleList()
+        self.up_convs = nn.ModuleList()
+        channels = in_channels
+        for width in features:
+            self.downs.append(DoubleConv(channels, width))
+            channels = width
+        self.bottleneck = DoubleConv(features[-1], features[-1] * 2)
+        for width in reversed(features):
+            self.ups.append(nn.ConvTranspose2d(width * 2, width, kernel_size=2, stride=2))
+            self.up_convs.append(DoubleConv(width * 2, width))
+        self.head = nn.Conv2d(features[0], out_channels, kernel_size=1)
+        self.pool = nn.MaxPool2d(2, 2)
+
+    def forward(self, x):
+        smallest = 2 ** len(self.downs)
+        if x.shape[-2] < smallest or x.shape[-1] < smallest:
+            raise ValueError(f"input {tuple(x.shape[-2:])} is smaller than {smallest}x{smallest}, "
+                             f"the least this {len(self.downs)}-level UNet can pool")
+        skips = []
+        for down in self.downs:
+            x = down(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x)
+        for up, up_conv, skip in zip(self.ups, self.up_convs, reversed(skips)):
+            x = up(x)
+            # Pooling floors odd sizes, so the upsampled map can be one row or column short.
+            dy, dx = skip.shape[-2] - x.shape[-2], skip.shape[-1] - x.shape[-1]
+            if dy or dx:
+                x = F.pad(x, (0, dx, 0, dy))
+            x = up_conv(torch.cat((skip, x), dim=1))
+        return self.head(x)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,248 @@
+"""Train the UNet on Carvana car masks.
+
+Edit the settings below, or override any of them: python train.py --NUM_EPOCHS=10 --AMP=false
+"""
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import dataset as data
+from model import UNet
+from utils import (autocast, autocast_dtype, check_accuracy, get_device, load_checkpoint,
+                   save_checkpoint, save_predictions_as_imgs, seed_everything, segmentation_loss)
+
+# ---- settings ---------------------------------------------------------------------------------
+DATA_DIR = "data"                 # Carvana layout (train/, train_masks/) or train_images/, train_masks/, val_images/, val_masks/
+CHECKPOINT_DIR = "checkpoints"    # last.pt every epoch, best.pt on a new best Dice; on Colab a Drive folder
+IMAGE_HEIGHT = 160                # pixels the model sees; Carvana's photos are 1280 high
+IMAGE_WIDTH = 240                 # pixels the model sees; Carvana's photos are 1918 wide
+BATCH_SIZE = 16                   # images per optimizer step
+NUM_EPOCHS = 5                    # passes over the training images (a resumed run stops at the same total)
+LEARNING_RATE = 1e-4              # Adam's peak rate; cosine decay to 1% of it over the run
+NUM_WORKERS = 2                   # loader processes; 0 loads in the training process
+PIN_MEMORY = True                 # page-locked batches: faster copies to a CUDA GPU (ignored elsewhere)
+LOAD_MODEL = False                # True: resume from CHECKPOINT_DIR/last.pt (model, optimizer, epoch, best Dice)
+DEVICE = "auto"                   # "auto" (cuda, then mps, then cpu), or "cuda", "cuda:1", "mps", "cpu"
+AMP = True                        # mixed precision: bfloat16/float16 on CUDA, bfloat16 on CPUs that support it
+SEED = 42                         # one seed for Python, NumPy, torch, augmentations and the validation split
+VAL_FRACTION = 0.2                # share of cars held out for validation when there is no val_images/ folder
+FEATURES = (64, 128, 256, 512)    # UNet channels per level; the bottleneck has twice the last (about 31M parameters)
+THRESHOLD = 0.5                   # probability above which a pixel counts as car
+SAVED_IMAGES = "saved_images"     # folder for the prediction pictures written after training
+DEMO = True                       # with no data in DATA_DIR: generate synthetic cars and train with DEMO_SETTINGS
+# -----------------------------------------------------------------------------------------------
+SETTING_NAMES = [name for name in globals() if name.isupper()]
+
+# Sized so that a bare `python train.py` on a 2-core CPU finishes in a few minutes.
+DEMO_SETTINGS = {"FEATURES": (16, 32, 64, 128), "LEARNING_RATE": 2e-3, "NUM_EPOCHS": 12}
+DEMO_DATA = {"cars": 24, "size": (480, 320), "seed": 0}  # 384 images at a quarter of Carvana's size
+TRUE_WORDS, FALSE_WORDS = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def defaults():
+    return {name: globals()[name] for name in SETTING_NAMES}
+
+
+def convert(name, text, default):
+    """A command-line value in the type of the setting's default, or SystemExit saying why."""
+    kind = type(default)
+    try:
+        if kind is bool:
+            if text.lower() not in TRUE_WORDS | FALSE_WORDS:
+                raise ValueError
+            return text.lower() in TRUE_WORDS
+        if kind is tuple:
+            return tuple(int(part) for part in text.split(",") if part.strip())
+        return kind(text)
+    except ValueError:
+        wanted = {bool: "true or false", int: "an integer", float: "a number",
+                  tuple: "comma-separated integers"}.get(kind, "a value")
+        raise SystemExit(f"error: --{name} expects {wanted}, got {text!r}") from None
+
+
+def parse_settings(argv):
+    """Settings from the defaults above and --NAME=value arguments; returns (config, names given)."""
+    config, given = defaults(), set()
+    for argument in argv:
+        if argument in ("-h", "--help"):
+            print(__doc__)
+            for name, value in config.items():
+                print(f"  --{name}={value}")
+            raise SystemExit(0)
+        name, equals, text = argument.removeprefix("--").partition("=")
+        if not argument.startswith("--") or not equals:
+            raise SystemExit(f"error: expected --NAME=value, got {argument!r}")
+        if name not in config:
+            raise SystemExit(f"error: unknown setting --{name}; known settings: {', '.join(config)}")
+        config[name] = convert(name, text, config[name])
+        given.add(name)
+    for name in ("IMAGE_HEIGHT", "IMAGE_WIDTH", "BATCH_SIZE", "NUM_EPOCHS"):
+        if config[name] < 1:
+            raise SystemExit(f"error: {name} must be at least 1, got {config[name]}")
+    if not 0 < config["VAL_FRACTION"] < 1:
+        raise SystemExit(f"error: VAL_FRACTION must be between 0 and 1, got {config['VAL_FRACTION']}")
+    return config, given
+
+
+def prepare_data(config, given):
+    """Use DATA_DIR if it holds images; otherwise (DEMO) the synthetic set, made once."""
+    if data.has_data(config["DATA_DIR"]):
+        return config
+    if not config["DEMO"]:
+        raise SystemExit(f"error: no images in {config['DATA_DIR']}/train or {config['DATA_DIR']}/train_images")
+    root = Path(config["DATA_DIR"]) / "synthetic"
+    print("=" * 78)
+    print(f"No training images in {config['DATA_DIR']}/. Running the DEMO on synthetic cars instead.")
+    print("For the real data: accept the rules of Kaggle's 'Carvana Image Masking Challenge', then")
+    print("  kaggle competitions download -c carvana-image-masking-challenge")
+    print(f"and unzip train.zip and train_masks.zip into {config['DATA_DIR']}/ (train/, train_masks/).")
+    marker = root / ".complete"
+    if (marker.read_text() if marker.is_file() else "") != repr(DEMO_DATA):
+        print(f"Generating {DEMO_DATA['cars'] * 16} synthetic images ({DEMO_DATA['size'][0]}x"
+              f"{DEMO_DATA['size'][1]}) under {root}/ ...")
+        data.make_synthetic(root, **DEMO_DATA)
+        marker.write_text(repr(DEMO_DATA))
+    demo = {name: value for name, value in DEMO_SETTINGS.items() if name not in given}
+    print("Demo settings in use: " + ", ".join(f"{k}={v}" for k, v in demo.items()))
+    print("=" * 78)
+    return {**config, **demo, "DATA_DIR": str(root)}
+
+
+def load_samples(config):
+    """(train, val) sample lists, reporting every file that was skipped."""
+    splits = data.find_splits(config["DATA_DIR"])
+    train, problems = data.scan_pairs(*splits["train"])
+    if "val" in splits:
+        val, val_problems = data.scan_pairs(*splits["val"])
+        problems += val_problems
+    else:
+        train, val = data.split_by_car(train, config["VAL_FRACTION"], config["SEED"])
+    data.report_problems(problems)
+    if not train or not val:
+        raise SystemExit(f"error: {config['DATA_DIR']} has {len(train)} usable training and "
+                         f"{len(val)} validation images; both must be at least 1")
+    return train, val
+
+
+def make_loader(samples, transform, config, shuffle, device):
+    size = (config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"])
+    generator = torch.Generator().manual_seed(config["SEED"])
+    transform.set_random_seed(config["SEED"])
+    return DataLoader(data.CarvanaDataset(samples, transform, decode_size=size),
+                      batch_size=config["BATCH_SIZE"], shuffle=shuffle, generator=generator,
+                      num_workers=config["NUM_WORKERS"], persistent_workers=config["NUM_WORKERS"] > 0,
+                      pin_memory=config["PIN_MEMORY"] and device.type == "cuda",
+                      worker_init_fn=data.seed_worker)
+
+
+def learning_rate(config, step, total_steps):
+    """Cosine decay from LEARNING_RATE to 1% of it; derived from the step, so resuming needs no state."""
+    progress = min(1.0, step / max(1, total_steps))
+    return config["LEARNING_RATE"] * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def train_one_epoch(loader, model, optimizer, scaler, config, device, amp_dtype, epoch, steps_done, total_steps):
+    model.train()
+    loss_sum, images = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config['NUM_EPOCHS']}", unit="batch", leave=False)
+    for step, (x, y) in enumerate(bar):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, steps_done + step, total_steps)
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        loss = segmentation_loss(logits.float(), y)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"loss became {value} at epoch {epoch + 1}, step {step + 1}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += value * x.shape[0]
+        images += x.shape[0]
+        bar.set_postfix(loss=f"{value:.4f}")
+    return loss_sum / max(1, images)
+
+
+def checkpoint_state(model, optimizer, scaler, epoch, best_dice, config):
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": epoch, "best_dice": best_dice, "config": config,
+            "model_args": {"in_channels": 3, "out_channels": 1, "features": tuple(config["FEATURES"])},
+            "image_size": (config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]), "threshold": config["THRESHOLD"]}
+
+
+def main(argv=None):
+    config, given = parse_settings(sys.argv[1:] if argv is None else argv)
+    seed_everything(config["SEED"])
+    device = get_device(config["DEVICE"])
+    amp_dtype = autocast_dtype(device) if config["AMP"] else None
+    config = prepare_data(config, given)
+    train_samples, val_samples = load_samples(config)
+    height, width = config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]
+    print(f"device {device}, mixed precision {amp_dtype or 'off'}, {len(train_samples)} training and "
+          f"{len(val_samples)} validation images at {height}x{width}")
+
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+    model = UNet(features=config["FEATURES"]).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["LEARNING_RATE"])
+    # Loss scaling is needed only for float16; bfloat16 has float32's range.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    checkpoints = Path(config["CHECKPOINT_DIR"])
+    start_epoch, best_dice = 0, -1.0
+    if config["LOAD_MODEL"]:
+        try:
+            state = load_checkpoint(checkpoints / "last.pt", device)
+        except Exception as error:
+            raise SystemExit(f"error: cannot resume (LOAD_MODEL): {error}") from None
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best_dice = state["epoch"], state["best_dice"]
+        print(f"resumed from {checkpoints / 'last.pt'}: {start_epoch} epochs done, best Dice {best_dice:.4f}")
+
+    train_loader = make_loader(train_samples, data.train_transform(height, width), config, True, device)
+    val_loader = make_loader(val_samples, data.val_transform(height, width), config, False, device)
+    total_steps = config["NUM_EPOCHS"] * len(train_loader)
+    metrics = None
+    for epoch in range(start_epoch, config["NUM_EPOCHS"]):
+        started = time.time()
+        try:
+            train_loss = train_one_epoch(train_loader, model, optimizer, scaler, config, device, amp_dtype,
+                                         epoch, epoch * len(train_loader), total_steps)
+        except NonFiniteLoss as error:
+            kept = checkpoints / "last.pt"
+            raise SystemExit(f"error: {error}; stopped. Last good checkpoint: "
+                             f"{kept if kept.is_file() else 'none yet'}. Try a lower LEARNING_RATE.") from None
+        metrics = check_accuracy(val_loader, model, device, config["THRESHOLD"], amp_dtype, segmentation_loss)
+        print(f"epoch {epoch + 1}/{config['NUM_EPOCHS']}: train loss {train_loss:.4f}, "
+              f"val loss {metrics['loss']:.4f}, val Dice {metrics['dice']:.4f}, "
+              f"pixel accuracy {100 * metrics['pixel_accuracy']:.2f}% ({time.time() - started:.0f}s)")
+        improved = metrics["dice"] > best_dice
+        best_dice = max(best_dice, metrics["dice"])
+        state = checkpoint_state(model, optimizer, scaler, epoch + 1, best_dice, config)
+        save_checkpoint(state, checkpoints / "last.pt")
+        if improved:
+            save_checkpoint(state, checkpoints / "best.pt")
+            print(f"  new best Dice: saved {checkpoints / 'best.pt'}")
+
+    written = save_predictions_as_imgs(val_loader.dataset, model, config["SAVED_IMAGES"], device,
+                                       threshold=config["THRESHOLD"], amp_dtype=amp_dtype)
+    print(f"best validation Dice {best_dice:.4f}; checkpoints in {checkpoints}/, "
+          f"{len(written)} prediction pictures in {config['SAVED_IMAGES']}/")
+    return {"best_dice": best_dice, "last": metrics, "config": config}
+
+
+if __name__ == "__main__":
+    main()
