@@ -16,7 +16,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".we
 # Carvana names masks <stem>_mask.gif; other datasets keep the image's stem.
 MASK_TAGS = ("_mask", "")
 # Bytes a complete file of each kind ends with: a cheap test for truncated downloads.
-FILE_ENDINGS = {".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9", ".png": b"IEND\xaeB`\x82", ".gif": b";"}
+FILE_ENDINGS = {".jpg": ("JPEG", b"\xff\xd9"), ".jpeg": ("JPEG", b"\xff\xd9"),
+                ".png": ("PNG", b"IEND\xaeB`\x82"), ".gif": ("GIF", b";")}
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,13 @@ def image_problem(path):
             return "empty file (0 bytes)", None
         with Image.open(path) as image:
             size = image.size
-        ending = FILE_ENDINGS.get(path.suffix.lower())
+        kind, ending = FILE_ENDINGS.get(path.suffix.lower(), (None, None))
         if ending:
             with open(path, "rb") as handle:
                 handle.seek(max(0, path.stat().st_size - 64))
                 tail = handle.read().rstrip(b"\x00")
             if not tail.endswith(ending):
-                return f"truncated {path.suffix.lower()[1:].upper()} (file ends early)", None
+                return f"truncated {kind} (file ends early)", None
         return None, size
     except UnidentifiedImageError:
         return "not an image (no known image format inside)", None
@@ -60,7 +61,7 @@ def image_problem(path):
 def mask_stem(path):
     """Image stem a mask belongs to: `abc_01_mask.gif` -> `abc_01`."""
     stem = path.stem
-    return stem[: -len("_mask")] if stem.endswith("_mask") else stem
+    return stem.removesuffix("_mask")
 
 
 def find_mask(image_path, mask_dir):
@@ -89,8 +90,8 @@ def scan_pairs(image_dir, mask_dir):
         if problem:
             problems.append((mask_path, problem))
         elif mask_size != size:
-            problems.append((mask_path, f"mask is {mask_size[0]}x{mask_size[1]} but its image "
-                                        f"{image_path.name} is {size[0]}x{size[1]}"))
+            reason = f"mask is {mask_size[0]}x{mask_size[1]} but its image {image_path.name} is {size[0]}x{size[1]}"
+            problems.append((mask_path, reason))
         else:
             samples.append(Sample(image_path, mask_path, *size))
     image_stems = {p.stem for p in visible_files(image_dir)}
@@ -100,7 +101,8 @@ def scan_pairs(image_dir, mask_dir):
     return samples, problems
 
 
-def report_problems(problems, out=sys.stderr):
+def report_problems(problems, out=None):
+    out = out or sys.stderr
     if problems:
         print(f"Skipping {len(problems)} file(s) that cannot be used:", file=out)
         for path, reason in problems:
@@ -150,7 +152,7 @@ def reduced_decode_flag(width, height, target):
     target_height, target_width = target
     for factor, flag in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
                          (2, cv2.IMREAD_REDUCED_COLOR_2)):
-        if width // factor >= target_width and height // factor >= target_height:
+        if -(-width // factor) >= target_width and -(-height // factor) >= target_height:  # libjpeg rounds up
             return flag
     return cv2.IMREAD_COLOR
 

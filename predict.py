@@ -13,8 +13,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import dataset as data
-from utils import (CheckpointError, autocast, autocast_dtype, dice_numpy, get_device, load_checkpoint,
-                   model_from_checkpoint, overlay)
+from utils import (
+    CheckpointError,
+    autocast,
+    autocast_dtype,
+    dice_numpy,
+    get_device,
+    load_checkpoint,
+    model_from_checkpoint,
+    overlay,
+)
 
 
 def parse_args(argv):

@@ -13,8 +13,18 @@ from tqdm import tqdm
 
 import dataset as data
 from model import UNet
-from utils import (autocast, autocast_dtype, check_accuracy, get_device, load_checkpoint,
-                   save_checkpoint, save_predictions_as_imgs, seed_everything, segmentation_loss)
+from utils import (
+    CheckpointError,
+    autocast,
+    autocast_dtype,
+    check_accuracy,
+    get_device,
+    load_checkpoint,
+    save_checkpoint,
+    save_predictions_as_imgs,
+    seed_everything,
+    segmentation_loss,
+)
 
 # ---- settings ---------------------------------------------------------------------------------
 DATA_DIR = "data"                 # Carvana layout (train/, train_masks/) or train_images/, train_masks/, val_images/, val_masks/
@@ -204,7 +214,7 @@ def main(argv=None):
     if config["LOAD_MODEL"]:
         try:
             state = load_checkpoint(checkpoints / "last.pt", device)
-        except Exception as error:
+        except CheckpointError as error:
             raise SystemExit(f"error: cannot resume (LOAD_MODEL): {error}") from None
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,36 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import dataset
+import train
+
+REAL_SAMPLES = ROOT.parent / "shared" / "carvana_samples"
+TINY = ["--FEATURES=4,8", "--IMAGE_HEIGHT=32", "--IMAGE_WIDTH=48", "--BATCH_SIZE=4", "--NUM_WORKERS=0",
+        "--LEARNING_RATE=0.01"]
+
+
+def tiny_args(tmp, data_dir, epochs=1, *extra):
+    """train.py arguments for a seconds-long run writing everything under tmp."""
+    return [f"--DATA_DIR={data_dir}", f"--CHECKPOINT_DIR={tmp / 'checkpoints'}",
+            f"--SAVED_IMAGES={tmp / 'saved_images'}", f"--NUM_EPOCHS={epochs}", *TINY, *extra]
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """4 cars x 4 angles in Carvana's layout and formats, at 192x128."""
+    root = tmp_path_factory.mktemp("synthetic")
+    dataset.make_synthetic(root, cars=4, angles=4, size=(192, 128), progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, synthetic_root):
+    """A checkpoint from one real epoch of train.py on the synthetic set."""
+    tmp = tmp_path_factory.mktemp("trained")
+    result = train.main(tiny_args(tmp, synthetic_root))
+    return tmp, result

@@ -1,0 +1,109 @@
+import numpy as np
+import pytest
+import torch
+
+import utils
+from model import UNet
+from utils import CheckpointError, dice_numpy, dice_per_image, load_checkpoint, save_checkpoint
+
+
+def test_dice_is_per_image_then_averaged_and_empty_on_empty_is_one():
+    prediction = torch.zeros(3, 4, 4, dtype=torch.bool)
+    target = torch.zeros(3, 4, 4, dtype=torch.bool)
+    prediction[1, :2] = True  # 8 pixels
+    target[1, :1] = True  # 4 pixels, all inside the prediction
+    target[2, 0, 0] = True  # missed entirely
+    scores = dice_per_image(prediction, target)
+    assert scores.tolist() == pytest.approx([1.0, 2 * 4 / 12, 0.0])
+    assert dice_numpy(prediction[1].numpy(), target[1].numpy()) == pytest.approx(2 / 3)
+    assert dice_numpy(np.zeros((2, 2)), np.zeros((2, 2))) == 1.0
+
+
+class Echo(torch.nn.Module):
+    """Returns large logits of a fixed answer, whatever the input."""
+
+    def __init__(self, answer):
+        super().__init__()
+        self.answer = answer
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return (self.answer[: x.shape[0]] * 2 - 1) * 20 + self.dummy
+
+
+def test_check_accuracy_counts_dice_and_pixels_over_a_loader():
+    target = torch.zeros(2, 1, 4, 4)
+    target[0, 0, :2] = 1
+    answer = target.clone()
+    answer[0, 0, 0] = 0  # 4 of 8 car pixels found in image 0; image 1 empty and predicted empty
+    loader = [(torch.zeros(2, 3, 4, 4), target)]
+    result = utils.check_accuracy(loader, Echo(answer), torch.device("cpu"))
+    assert result["dice"] == pytest.approx((2 * 4 / 12 + 1.0) / 2)
+    assert result["pixel_accuracy"] == pytest.approx(28 / 32)
+
+
+def small_state(features=(2, 4)):
+    model = UNet(features=features)
+    return {"model": model.state_dict(), "model_args": {"features": features}, "epoch": 3,
+            "image_size": (32, 48), "threshold": 0.5, "config": {"FEATURES": features}}
+
+
+def test_checkpoint_round_trip_with_prefixes_from_ddp_and_compile(tmp_path):
+    state = small_state()
+    state["model"] = {f"module._orig_mod.{k}": v for k, v in state["model"].items()}
+    save_checkpoint(state, tmp_path / "x.pt")
+    loaded = load_checkpoint(tmp_path / "x.pt")
+    model = utils.model_from_checkpoint(loaded)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in loaded["model"])
+    assert isinstance(model, UNet) and loaded["epoch"] == 3
+
+
+def test_a_save_that_dies_midway_leaves_the_old_checkpoint_loadable(tmp_path, monkeypatch):
+    path = tmp_path / "best.pt"
+    save_checkpoint(small_state(), path)
+    real_save = torch.save
+
+    def dies_midway(obj, stream):
+        real_save(obj, stream)
+        stream.seek(100)
+        stream.truncate()
+        raise KeyboardInterrupt  # Colab disconnect / Ctrl-C during the write
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({**small_state(), "epoch": 99}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("content, reason", [(b"", "not a readable checkpoint"), (b"hello", "not a readable"),
+                                             (None, "no such checkpoint")])
+def test_unusable_checkpoints_raise_one_clear_error_naming_the_file(tmp_path, content, reason):
+    path = tmp_path / "bad.pt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=reason) as error:
+        load_checkpoint(path)
+    assert str(path) in str(error.value)
+
+
+def test_foreign_pickles_are_refused_by_weights_only(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "model_args": {}, "payload": object()}, path)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_device_and_mixed_precision_choice():
+    assert utils.get_device("cpu").type == "cpu"
+    assert utils.get_device().type in {"cuda", "mps", "cpu"}
+    dtype = utils.autocast_dtype(torch.device("cpu"))
+    assert dtype in (None, torch.bfloat16)
+
+
+def test_seed_everything_repeats_random_draws():
+    utils.seed_everything(7)
+    first = (np.random.rand(), torch.rand(1).item())
+    utils.seed_everything(7)
+    assert (np.random.rand(), torch.rand(1).item()) == first
