@@ -1,0 +1,49 @@
+"""Checks against real Carvana files in ../shared/carvana_samples (skipped where that is absent)."""
+import numpy as np
+import pytest
+from PIL import Image
+
+import dataset as data
+import predict
+from conftest import REAL_SAMPLES
+
+pytestmark = pytest.mark.skipif(not REAL_SAMPLES.is_dir(), reason="../shared/carvana_samples is absent")
+
+
+def test_real_layout_scans_clean():
+    samples, problems = data.scan_pairs(REAL_SAMPLES / "train", REAL_SAMPLES / "train_masks")
+    assert problems == [] and len(samples) == 16
+    assert {(s.width, s.height) for s in samples} == {(1918, 1280)}
+    cars = {data.car_id(s.image) for s in samples}
+    assert cars == {"0795e132d090", "1ae8a68a40e4", "2faf504842df", "3d7a1030deeb"}
+
+
+def test_real_masks_read_as_zero_one_matching_the_raw_gif():
+    path = REAL_SAMPLES / "train_masks" / "1ae8a68a40e4_01_mask.gif"
+    mask = data.read_mask(path)
+    raw = np.array(Image.open(path))
+    assert mask.shape == (1280, 1918) and np.array_equal(mask, raw)
+    assert 0.05 < mask.mean() < 0.5
+
+
+def test_real_images_through_the_training_pipeline():
+    samples, _ = data.scan_pairs(REAL_SAMPLES / "train", REAL_SAMPLES / "train_masks")
+    train, val = data.split_by_car(samples, 0.25, seed=42)
+    assert len(val) == 4 and len({data.car_id(s.image) for s in val}) == 1
+    dataset = data.CarvanaDataset(train, data.train_transform(160, 240), decode_size=(160, 240))
+    x, y = dataset[0]
+    assert x.shape == (3, 160, 240) and y.shape == (1, 160, 240) and 0.03 < y.mean() < 0.6
+
+
+def test_predict_on_real_images_writes_full_size_masks(trained, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("0795e132d090_01.jpg", "3d7a1030deeb_05.jpg"):
+        (inputs / name).symlink_to(REAL_SAMPLES / "train" / name)
+    status = predict.main(["--checkpoint", str(trained[0] / "checkpoints" / "best.pt"), "--input", str(inputs),
+                           "--output", str(tmp_path / "out"), "--masks", str(REAL_SAMPLES / "train_masks")])
+    assert status == 0
+    for name in ("0795e132d090_01", "3d7a1030deeb_05"):
+        with Image.open(tmp_path / "out" / f"{name}_mask.png") as mask:
+            assert mask.size == (1918, 1280)
+    assert "full-resolution Dice" in capsys.readouterr().out

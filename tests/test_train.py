@@ -1,0 +1,116 @@
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from conftest import tiny_args
+from utils import load_checkpoint
+
+
+def test_settings_take_typed_overrides():
+    config, given = train.parse_settings(["--BATCH_SIZE=4", "--AMP=false", "--FEATURES=8,16", "--LEARNING_RATE=3e-4",
+                                          "--DEVICE=cpu"])
+    assert (config["BATCH_SIZE"], config["AMP"], config["FEATURES"]) == (4, False, (8, 16))
+    assert config["LEARNING_RATE"] == 3e-4 and config["DEVICE"] == "cpu" and config["NUM_EPOCHS"] == train.NUM_EPOCHS
+    assert given == {"BATCH_SIZE", "AMP", "FEATURES", "LEARNING_RATE", "DEVICE"}
+
+
+@pytest.mark.parametrize("argument, message", [
+    ("--BATCH_SIZ=4", "unknown setting --BATCH_SIZ"),
+    ("--BATCH_SIZE=four", "--BATCH_SIZE expects an integer, got 'four'"),
+    ("--BATCH_SIZE=1.5", "expects an integer"),
+    ("--AMP=maybe", "--AMP expects true or false"),
+    ("--FEATURES=8,x", "comma-separated integers"),
+    ("--NUM_EPOCHS=0", "NUM_EPOCHS must be at least 1"),
+    ("--VAL_FRACTION=1.5", "VAL_FRACTION must be between 0 and 1"),
+    ("BATCH_SIZE=4", "expected --NAME=value"),
+])
+def test_bad_settings_are_one_line_errors(argument, message):
+    with pytest.raises(SystemExit, match=message) as error:
+        train.parse_settings([argument])
+    assert "\n" not in str(error.value)
+
+
+def test_every_setting_has_a_comment_in_the_fenced_block():
+    source = Path(train.__file__).read_text()
+    block = source.split("# ---- settings")[1].split("# ----")[0]
+    for name in train.SETTING_NAMES:
+        line = next(line for line in block.splitlines() if line.startswith(f"{name} ="))
+        assert "#" in line, name
+
+
+def test_one_epoch_writes_checkpoints_and_pictures(trained):
+    tmp, result = trained
+    for name in ("last.pt", "best.pt"):
+        state = load_checkpoint(tmp / "checkpoints" / name)
+        assert state["epoch"] == 1 and state["model_args"]["features"] == (4, 8)
+        assert state["image_size"] == (32, 48) and state["threshold"] == 0.5
+        assert {"optimizer", "scaler", "best_dice", "config"} <= set(state)
+        assert state["best_dice"] == pytest.approx(result["best_dice"])
+    assert 0 <= result["best_dice"] <= 1 and not math.isnan(result["last"]["loss"])
+    pictures = sorted((tmp / "saved_images").glob("pred_*.png"))
+    assert len(pictures) == 4
+
+
+def test_killed_run_resumes_where_it_stopped(tmp_path, synthetic_root, capsys):
+    train.main(tiny_args(tmp_path, synthetic_root, 1))
+    first = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    result = train.main(tiny_args(tmp_path, synthetic_root, 2, "--LOAD_MODEL=true"))
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "1 epochs done" in out
+    assert "epoch 1/2:" not in out and "epoch 2/2:" in out
+    second = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert second["epoch"] == 2 and second["best_dice"] >= first["best_dice"]
+    assert second["optimizer"]["state"][0]["step"] == 2 * first["optimizer"]["state"][0]["step"]
+    assert result["best_dice"] == second["best_dice"]
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, synthetic_root):
+    with pytest.raises(SystemExit, match="cannot resume.*last.pt: no such checkpoint"):
+        train.main(tiny_args(tmp_path, synthetic_root, 1, "--LOAD_MODEL=true"))
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_root, monkeypatch):
+    train.main(tiny_args(tmp_path, synthetic_root, 1))
+    monkeypatch.setattr(train, "segmentation_loss", lambda logits, target: logits.sum() * math.nan)
+    with pytest.raises(SystemExit, match=r"loss became nan at epoch 2, step 1.*Last good checkpoint: .*last\.pt"):
+        train.main(tiny_args(tmp_path, synthetic_root, 2, "--LOAD_MODEL=true"))
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
+
+
+def test_empty_data_dir_runs_the_demo_on_generated_cars(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "DEMO_DATA", {"cars": 3, "size": (96, 64), "seed": 0})
+    monkeypatch.setattr(train, "DEMO_SETTINGS", {"FEATURES": (4, 8), "NUM_EPOCHS": 1})
+    args = [a for a in tiny_args(tmp_path, tmp_path / "data", 1) if not a.startswith(("--FEATURES", "--NUM_EPOCHS"))]
+    result = train.main(args)
+    out = capsys.readouterr().out
+    assert "No training images" in out and "kaggle competitions download" in out
+    assert "Demo settings in use: FEATURES=(4, 8), NUM_EPOCHS=1" in out
+    assert len(list((tmp_path / "data" / "synthetic" / "train").glob("*.jpg"))) == 48
+    assert result["config"]["FEATURES"] == (4, 8)
+    mtime = (tmp_path / "data" / "synthetic" / "train_masks").stat().st_mtime_ns
+    train.main(args)  # generated once: the second run reuses it
+    assert "Generating" not in capsys.readouterr().out
+    assert (tmp_path / "data" / "synthetic" / "train_masks").stat().st_mtime_ns == mtime
+
+
+def test_no_data_without_demo_is_an_error(tmp_path):
+    with pytest.raises(SystemExit, match="no images in"):
+        train.main(tiny_args(tmp_path, tmp_path / "empty", 1, "--DEMO=false"))
+
+
+def test_learning_rate_decays_from_peak_to_one_percent():
+    config = {"LEARNING_RATE": 1e-3}
+    rates = [train.learning_rate(config, step, 100) for step in (0, 50, 100)]
+    assert rates == pytest.approx([1e-3, 0.505e-3, 1e-5])
+
+
+def test_importing_train_does_nothing(tmp_path, monkeypatch):
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    importlib.reload(train)
+    assert list(tmp_path.iterdir()) == []
+    assert torch.is_tensor(torch.zeros(1))
