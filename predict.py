@@ -1,6 +1,7 @@
-"""Turn a checkpoint and images into full-resolution masks.
+"""Turn a checkpoint and images into full-resolution masks, scores and a Kaggle submission.
 
 python predict.py --checkpoint checkpoints/best.pt --input data/test [--masks data/train_masks]
+python predict.py --checkpoint checkpoints/best.pt --input data/test --submission submission.csv --no-images
 """
 import argparse
 import sys
@@ -10,36 +11,51 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import dataset as data
 from utils import (
+    THRESHOLDS,
     CheckpointError,
+    WorstImages,
     autocast,
     autocast_dtype,
+    dice_by_threshold,
     dice_numpy,
     get_device,
     load_checkpoint,
     model_from_checkpoint,
     overlay,
+    rle_encode,
 )
+
+SUBMISSION_HEADER = "img,rle_mask\n"
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="best.pt or last.pt written by train.py")
-    parser.add_argument("--input", required=True, help="an image, or a folder of images")
+    parser.add_argument("--input", required=True, help="an image, a folder of images, or a .txt list of image paths")
     parser.add_argument("--output", default="saved_images/predictions", help="folder for masks and overlays")
     parser.add_argument("--threshold", type=float, help="probability cut-off (default: the checkpoint's)")
-    parser.add_argument("--masks", help="folder of true masks (Carvana naming): print Dice and pixel accuracy")
+    parser.add_argument("--masks", help="folder of true masks (Carvana naming): print Dice, pixel accuracy, "
+                                         "the best threshold, and draw the worst images")
+    parser.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    parser.add_argument("--submission", help="write Kaggle's img,rle_mask CSV here")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted --submission file")
+    parser.add_argument("--no-images", action="store_true", help="write no mask or overlay files (submissions)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    parser.add_argument("--workers", type=int, default=2, help="processes decoding images (0: none)")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     parser.add_argument("--no-amp", action="store_true", help="run in float32 even where mixed precision is available")
     args = parser.parse_args(argv)
     if args.threshold is not None and not 0 < args.threshold < 1:
         parser.error(f"--threshold must be between 0 and 1, got {args.threshold}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.batch_size < 1 or args.workers < 0:
+        parser.error("--batch-size must be at least 1 and --workers at least 0")
+    if args.resume and not args.submission:
+        parser.error("--resume continues a --submission file: name it")
     return args
 
 
@@ -47,21 +63,110 @@ def input_files(path):
     path = Path(path)
     if path.is_dir():
         return data.visible_files(path)
+    if path.suffix.lower() == ".txt" and path.is_file():
+        return [Path(line.strip()) for line in path.read_text().splitlines() if line.strip()]
     return [path] if path.is_file() else []
 
 
-def readable_images(paths, progress):
-    """(path, RGB image) for each file that decodes; the others are named on stderr and skipped."""
-    for path in paths:
-        progress.update(1)
+class ImageFiles(Dataset):
+    """Decoded, model-ready images, so that loader workers decode while the model runs.
+    An unreadable file comes back as its reason instead of an image."""
+
+    def __init__(self, paths, image_size, keep_image):
+        self.paths, self.transform, self.keep_image = paths, data.val_transform(*image_size), keep_image
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        path = self.paths[index]
         problem, _ = data.image_problem(path)
-        if problem is None:
-            try:
-                yield path, data.read_image(path)
-                continue
-            except ValueError:
-                problem = "cannot decode image"
-        progress.write(f"warning: skipping {path}: {problem}", file=sys.stderr)
+        if problem:
+            return path, problem, None, None
+        try:
+            image = data.read_image(path)
+        except ValueError:
+            return path, "cannot decode image", None, None
+        x = data.to_tensor(self.transform(image=image)["image"])
+        return path, image.shape[:2], x, image if self.keep_image else None
+
+
+def as_list(batch):
+    return batch
+
+
+@torch.no_grad()
+def probabilities(model, x, sizes, device, amp_dtype, tta=False):
+    """Car probability for each image of a batch, upsampled to each image's own size."""
+    x = x.to(device).contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp_dtype):
+        probability = torch.sigmoid(model(x).float())
+        if tta:  # the flip's prediction, flipped back
+            probability = (probability + torch.sigmoid(model(x.flip(3)).float()).flip(3)) / 2
+    return [F.interpolate(probability[i:i + 1], size=size, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+            for i, size in enumerate(sizes)]
+
+
+class Submission:
+    """img,rle_mask rows appended and flushed one by one; --resume keeps every complete row."""
+
+    def __init__(self, path, resume):
+        self.path, self.done = Path(path), set()
+        if self.path.exists() and not resume:
+            raise SystemExit(f"error: {self.path} exists: pass --resume to continue it, or remove it")
+        if resume and self.path.exists():
+            text = self.path.read_text()
+            if text and not text.startswith(SUBMISSION_HEADER):
+                raise SystemExit(f"error: {self.path} is not a submission (its first line is not img,rle_mask)")
+            complete = text[: text.rfind("\n") + 1]  # a row cut off by the interruption is redone
+            self.path.write_text(complete or SUBMISSION_HEADER)
+            self.done = {line.split(",", 1)[0] for line in complete.splitlines()[1:]}
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(SUBMISSION_HEADER)
+        self.stream = open(self.path, "a", buffering=1)  # noqa: SIM115  (closed in close())
+
+    def add(self, name, mask):
+        self.stream.write(f"{name},{rle_encode(mask)}\n")
+
+    def close(self):
+        self.stream.close()
+
+
+class Scores:
+    """Full-resolution Dice and pixel accuracy, and Dice for every threshold in THRESHOLDS."""
+
+    def __init__(self):
+        self.dice, self.correct, self.pixels, self.unscored = [], 0, 0, []
+        self.by_threshold = 0.0
+        self.worst = WorstImages()
+
+    def add(self, path, image, probability, mask, truth):
+        if truth is None or truth.shape != mask.shape:
+            self.unscored.append(path.name)
+            return
+        dice = dice_numpy(mask, truth)
+        self.dice.append(dice)
+        self.correct += int((mask == truth.astype(bool)).sum())
+        self.pixels += truth.size
+        self.by_threshold = self.by_threshold + dice_by_threshold(probability, truth)
+        if image is not None:
+            self.worst.add(path.name, dice, image, truth, mask)
+
+    def report(self, threshold, mask_dir, gallery):
+        if self.unscored:
+            names = ", ".join(self.unscored[:5]) + (" ..." if len(self.unscored) > 5 else "")
+            print(f"warning: no usable mask in {mask_dir} for {len(self.unscored)} image(s): {names}", file=sys.stderr)
+        if not self.dice:
+            return
+        n = len(self.dice)
+        print(f"full-resolution Dice {np.mean(self.dice):.4f} (mean over {n} images), "
+              f"pixel accuracy {100 * self.correct / self.pixels:.2f}%, threshold {threshold}")
+        best = int(np.argmax(self.by_threshold))
+        print(f"best threshold on these images: {THRESHOLDS[best]:.2f} (Dice {self.by_threshold[best] / n:.4f}); "
+              f"pass --threshold {THRESHOLDS[best]:.2f} to use it")
+        if self.worst.save(gallery):
+            print(f"worst images drawn in {gallery}")
 
 
 def read_truth(image_path, mask_dir):
@@ -70,31 +175,6 @@ def read_truth(image_path, mask_dir):
         return data.read_mask(mask_path) if mask_path else None
     except ValueError:
         return None
-
-
-def batches(items, size):
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-@torch.no_grad()
-def predict_probabilities(model, images, image_size, device, amp_dtype):
-    """Car probability for each RGB image, at the image's own full resolution (float32 arrays)."""
-    transform = data.val_transform(*image_size)
-    x = torch.stack([data.to_tensor(transform(image=image)["image"]) for image in images])
-    x = x.to(device).contiguous(memory_format=torch.channels_last)
-    with autocast(device, amp_dtype):
-        logits = model(x).float()
-    # Upsample logits, not thresholded masks, so that edges land between the model's pixels.
-    return [torch.sigmoid(F.interpolate(logits[i:i + 1], size=image.shape[:2], mode="bilinear",
-                                        align_corners=False))[0, 0].cpu().numpy()
-            for i, image in enumerate(images)]
 
 
 def main(argv=None):
@@ -112,40 +192,54 @@ def main(argv=None):
     if not paths:
         print(f"error: no images found at {args.input}", file=sys.stderr)
         return 1
+    submission = Submission(args.submission, args.resume) if args.submission else None
+    if submission and submission.done:
+        paths = [p for p in paths if p.name not in submission.done]
+        print(f"resuming {args.submission}: {len(submission.done)} rows already written, {len(paths)} images to go")
     output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+    if not args.no_images:
+        output.mkdir(parents=True, exist_ok=True)
+    scores = Scores() if args.masks else None
 
-    written, scores, correct, pixels, unscored = 0, [], 0, 0, []
-    progress = tqdm(total=len(paths), desc="predicting", unit="img")
-    for batch in batches(readable_images(paths, progress), args.batch_size):
-        probabilities = predict_probabilities(model, [image for _, image in batch], state["image_size"],
-                                              device, amp_dtype)
-        for (path, image), probability in zip(batch, probabilities):
-            mask = probability > threshold
-            cv2.imwrite(str(output / f"{path.stem}_mask.png"), mask.astype(np.uint8) * 255)
-            cv2.imwrite(str(output / f"{path.stem}_overlay.jpg"), cv2.cvtColor(overlay(image, mask), cv2.COLOR_RGB2BGR))
-            written += 1
-            if args.masks:
-                truth = read_truth(path, args.masks)
-                if truth is None or truth.shape != mask.shape:
-                    unscored.append(path.name)
-                    continue
-                scores.append(dice_numpy(mask, truth))
-                correct += int((mask == truth.astype(bool)).sum())
-                pixels += truth.size
-    progress.close()
+    keep_image = not args.no_images or scores is not None
+    loader = DataLoader(ImageFiles(paths, state["image_size"], keep_image), batch_size=args.batch_size,
+                        num_workers=args.workers, collate_fn=as_list)
+    predicted = 0
+    with tqdm(total=len(paths), desc="predicting", unit="img") as progress:
+        for batch in loader:
+            for path, problem, x, _ in batch:
+                if x is None:
+                    progress.write(f"warning: skipping {path}: {problem}", file=sys.stderr)
+            good = [item for item in batch if item[2] is not None]
+            if good:
+                x = torch.stack([item[2] for item in good])
+                for (path, size, _, image), probability in zip(good, probabilities(
+                        model, x, [item[1] for item in good], device, amp_dtype, args.tta)):
+                    mask = probability > threshold
+                    if not args.no_images:
+                        cv2.imwrite(str(output / f"{path.stem}_mask.png"), mask.astype(np.uint8) * 255)
+                        cv2.imwrite(str(output / f"{path.stem}_overlay.jpg"),
+                                    cv2.cvtColor(overlay(image, mask), cv2.COLOR_RGB2BGR))
+                    if submission:
+                        submission.add(path.name, mask)
+                    if scores:
+                        scores.add(path, image, probability, mask, read_truth(path, args.masks))
+                    predicted += 1
+            progress.update(len(batch))
+    if submission:
+        submission.close()
 
-    if written == 0:
+    if predicted == 0 and not (submission and submission.done):
         print("error: no image could be predicted", file=sys.stderr)
         return 1
-    print(f"wrote {written} masks (threshold {threshold}) and overlays to {output}/")
-    if args.masks:
-        if unscored:
-            print(f"warning: no usable mask in {args.masks} for {len(unscored)} image(s): "
-                  f"{', '.join(unscored[:5])}{' ...' if len(unscored) > 5 else ''}", file=sys.stderr)
-        if scores:
-            print(f"full-resolution Dice {np.mean(scores):.4f} (mean over {len(scores)} images), "
-                  f"pixel accuracy {100 * correct / pixels:.2f}%")
+    if not args.no_images:
+        print(f"wrote {predicted} masks (threshold {threshold}{', flip TTA' if args.tta else ''}) "
+              f"and overlays to {output}/")
+    if submission:
+        print(f"submission: {args.submission} ({len(submission.done) + predicted} rows)")
+    if scores:
+        scores.report(threshold, args.masks, output.parent / "worst_predictions.png"
+                      if args.no_images else output / "worst_predictions.png")
     return 0
 
 

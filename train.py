@@ -2,6 +2,7 @@
 
 Edit the settings below, or override any of them: python train.py --NUM_EPOCHS=10 --AMP=false
 """
+import csv
 import math
 import sys
 import time
@@ -15,6 +16,7 @@ import dataset as data
 from model import UNet
 from utils import (
     CheckpointError,
+    WorstImages,
     autocast,
     autocast_dtype,
     check_accuracy,
@@ -22,6 +24,7 @@ from utils import (
     load_checkpoint,
     save_checkpoint,
     save_predictions_as_imgs,
+    save_training_curves,
     seed_everything,
     segmentation_loss,
 )
@@ -185,6 +188,26 @@ def train_one_epoch(loader, model, optimizer, scaler, config, device, amp_dtype,
     return loss_sum / max(1, images)
 
 
+HISTORY_FIELDS = ["epoch", "train_loss", "val_loss", "dice", "pixel_accuracy", "learning_rate", "seconds"]
+
+
+def read_history(path, epochs_done):
+    """Rows of an earlier run up to the epoch a resume starts from."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as stream:
+        return [row for row in csv.DictReader(stream) if int(row["epoch"]) <= epochs_done]
+
+
+def write_history(rows, path):
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, HISTORY_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    temporary.replace(path)
+
+
 def checkpoint_state(model, optimizer, scaler, epoch, best_dice, config):
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "epoch": epoch, "best_dice": best_dice, "config": config,
@@ -225,6 +248,11 @@ def main(argv=None):
     train_loader = make_loader(train_samples, data.train_transform(height, width), config, True, device)
     val_loader = make_loader(val_samples, data.val_transform(height, width), config, False, device)
     total_steps = config["NUM_EPOCHS"] * len(train_loader)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    # The held-out images, for `predict.py --input CHECKPOINT_DIR/val_files.txt --masks ...`.
+    (checkpoints / "val_files.txt").write_text("".join(f"{s.image}\n" for s in val_samples))
+    history = read_history(checkpoints / "history.csv", start_epoch)
+    curves = Path(config["SAVED_IMAGES"]) / "training_curves.png"
     metrics = None
     for epoch in range(start_epoch, config["NUM_EPOCHS"]):
         started = time.time()
@@ -239,6 +267,12 @@ def main(argv=None):
         print(f"epoch {epoch + 1}/{config['NUM_EPOCHS']}: train loss {train_loss:.4f}, "
               f"val loss {metrics['loss']:.4f}, val Dice {metrics['dice']:.4f}, "
               f"pixel accuracy {100 * metrics['pixel_accuracy']:.2f}% ({time.time() - started:.0f}s)")
+        history.append({"epoch": epoch + 1, "train_loss": f"{train_loss:.5f}", "val_loss": f"{metrics['loss']:.5f}",
+                        "dice": f"{metrics['dice']:.5f}", "pixel_accuracy": f"{metrics['pixel_accuracy']:.5f}",
+                        "learning_rate": f"{optimizer.param_groups[0]['lr']:.3g}",
+                        "seconds": f"{time.time() - started:.1f}"})
+        write_history(history, checkpoints / "history.csv")
+        save_training_curves(history, curves)
         improved = metrics["dice"] > best_dice
         best_dice = max(best_dice, metrics["dice"])
         state = checkpoint_state(model, optimizer, scaler, epoch + 1, best_dice, config)
@@ -249,8 +283,11 @@ def main(argv=None):
 
     written = save_predictions_as_imgs(val_loader.dataset, model, config["SAVED_IMAGES"], device,
                                        threshold=config["THRESHOLD"], amp_dtype=amp_dtype)
-    print(f"best validation Dice {best_dice:.4f}; checkpoints in {checkpoints}/, "
-          f"{len(written)} prediction pictures in {config['SAVED_IMAGES']}/")
+    worst = WorstImages()
+    check_accuracy(val_loader, model, device, config["THRESHOLD"], amp_dtype, worst=worst)
+    gallery = worst.save(Path(config["SAVED_IMAGES"]) / "worst_predictions.png")
+    print(f"best validation Dice {best_dice:.4f}; checkpoints and history.csv in {checkpoints}/; "
+          f"{len(written)} prediction pictures, {curves.name} and {gallery.name} in {config['SAVED_IMAGES']}/")
     return {"best_dice": best_dice, "last": metrics, "config": config}
 
 

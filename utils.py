@@ -61,9 +61,25 @@ def dice_numpy(prediction, target):
     return 1.0 if total == 0 else 2.0 * int((prediction & target).sum()) / total
 
 
+THRESHOLDS = np.arange(1, 100) / 100  # candidate cut-offs, 0.01 apart
+
+
+def dice_by_threshold(probability, truth):
+    """Dice of `probability > t` for every t in THRESHOLDS, from one histogram instead of 99 masks."""
+    bins = np.clip((probability * 100).astype(np.int64), 0, 99).ravel()
+    truth = np.asarray(truth).astype(bool).ravel()
+    # Suffix sums: pixels with probability of at least t, overall and on the car.
+    predicted = np.cumsum(np.bincount(bins, minlength=100)[::-1])[::-1][1:]
+    overlap = np.cumsum(np.bincount(bins[truth], minlength=100)[::-1])[::-1][1:]
+    total = predicted + truth.sum()
+    return np.where(total == 0, 1.0, 2 * overlap / np.maximum(total, 1))
+
+
 @torch.no_grad()
-def check_accuracy(loader, model, device, threshold=0.5, amp_dtype=None, loss_fn=None):
-    """Mean per-image Dice, pixel accuracy and (with loss_fn) mean loss over a loader."""
+def check_accuracy(loader, model, device, threshold=0.5, amp_dtype=None, loss_fn=None, worst=None):
+    """Mean per-image Dice, pixel accuracy and (with loss_fn) mean loss over a loader.
+    With a WorstImages `worst`, also collects the lowest-Dice images (the loader must not shuffle)."""
+    names = iter(Path(sample.image).name for sample in loader.dataset.samples) if worst is not None else None
     was_training = model.training
     model.eval()
     dice_sum, images, correct, pixels, loss_sum = 0.0, 0, 0, 0, 0.0
@@ -77,7 +93,12 @@ def check_accuracy(loader, model, device, threshold=0.5, amp_dtype=None, loss_fn
             loss_sum += loss_fn(logits, y).item() * x.shape[0]
         prediction = torch.sigmoid(logits) > threshold
         target = y > 0.5
-        dice_sum += dice_per_image(prediction, target).sum().item()
+        scores = dice_per_image(prediction, target)
+        dice_sum += scores.sum().item()
+        if worst is not None:
+            for i, name in zip(range(x.shape[0]), names):
+                image = (x[i].float().permute(1, 2, 0).cpu().numpy().clip(0, 1) * 255).astype(np.uint8)
+                worst.add(name, scores[i].item(), image, target[i, 0].cpu().numpy(), prediction[i, 0].cpu().numpy())
         correct += (prediction == target).sum().item()
         pixels += target.numel()
         images += x.shape[0]
@@ -202,3 +223,112 @@ def save_predictions_as_imgs(dataset, model, folder="saved_images", device="cpu"
         written.append(path)
     model.train(was_training)
     return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Kaggle's run-length encoding: the mask flattened row-major (left to right, then top to bottom),
+# "start length" pairs with 1-indexed starts.
+
+def rle_encode(mask):
+    pixels = np.asarray(mask).astype(bool).ravel()
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], pixels, [False])).astype(np.int8))) + 1
+    edges[1::2] -= edges[::2]
+    return " ".join(map(str, edges))
+
+
+def rle_decode(text, shape):
+    """Mask of shape (height, width) as uint8 {0,1}; ValueError for text that is not valid RLE."""
+    numbers = np.array(text.split(), dtype=np.int64)
+    if numbers.size % 2:
+        raise ValueError("run-length text has an odd count of numbers")
+    starts, lengths = numbers[0::2] - 1, numbers[1::2]
+    ends = starts + lengths
+    if numbers.size and (starts.min() < 0 or lengths.min() < 1 or ends.max() > shape[0] * shape[1]
+                         or (starts[1:] < ends[:-1]).any()):
+        raise ValueError(f"run-length text does not fit a {shape[0]}x{shape[1]} mask")
+    flat = np.zeros(shape[0] * shape[1], np.uint8)
+    for start, end in zip(starts, ends):
+        flat[start:end] = 1
+    return flat.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures (matplotlib, imported only when a figure is drawn).
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_training_curves(rows, path):
+    """Loss and validation scores per epoch from history rows (dicts as in history.csv)."""
+    plt = _pyplot()
+    epochs = [int(row["epoch"]) for row in rows]
+    figure, (losses, scores) = plt.subplots(1, 2, figsize=(11, 4))
+    losses.plot(epochs, [float(r["train_loss"]) for r in rows], "o-", label="train loss")
+    losses.plot(epochs, [float(r["val_loss"]) for r in rows], "o-", label="validation loss")
+    losses.set(xlabel="epoch", ylabel="BCE + Dice loss", title="Loss")
+    scores.plot(epochs, [float(r["dice"]) for r in rows], "o-", label="Dice")
+    scores.plot(epochs, [float(r["pixel_accuracy"]) for r in rows], "o-", label="pixel accuracy")
+    scores.set(xlabel="epoch", title="Validation")
+    from matplotlib.ticker import MaxNLocator
+
+    for axes in (losses, scores):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def difference_picture(truth, prediction):
+    """Black where right, red for false positives (car predicted on background), blue for misses."""
+    picture = np.zeros((*truth.shape, 3), np.uint8)
+    picture[(prediction > 0) & (truth == 0)] = (230, 40, 40)
+    picture[(prediction == 0) & (truth > 0)] = (40, 90, 230)
+    picture[(prediction > 0) & (truth > 0)] = (70, 70, 70)
+    return picture
+
+
+class WorstImages:
+    """Keeps the `count` lowest-Dice (name, dice, image, truth, prediction), shrunk for drawing."""
+
+    def __init__(self, count=6, width=480):
+        self.count, self.width, self.items = count, width, []
+
+    def add(self, name, dice, image, truth, prediction):
+        if len(self.items) == self.count and dice >= self.items[-1][1]:
+            return
+        import cv2
+
+        scale = min(1.0, self.width / image.shape[1])
+        size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
+        shrink = lambda a, how: cv2.resize(np.ascontiguousarray(a, np.uint8), size, interpolation=how)
+        self.items.append((name, dice, shrink(image, cv2.INTER_AREA), shrink(truth, cv2.INTER_NEAREST),
+                           shrink(prediction, cv2.INTER_NEAREST)))
+        self.items = sorted(self.items, key=lambda item: item[1])[: self.count]
+
+    def save(self, path):
+        """One row per image: image, truth, prediction, differences; titled with name and Dice."""
+        if not self.items:
+            return None
+        plt = _pyplot()
+        figure, axes = plt.subplots(len(self.items), 4, figsize=(16, 3.2 * len(self.items)), squeeze=False)
+        for row, (name, dice, image, truth, prediction) in zip(axes, self.items):
+            pictures = (image, mask_to_rgb(truth), mask_to_rgb(prediction), difference_picture(truth, prediction))
+            titles = (f"{name}  Dice {dice:.4f}", "truth", "prediction", "red: false car, blue: missed car")
+            for axes_, picture, title in zip(row, pictures, titles):
+                axes_.imshow(picture)
+                axes_.set_title(title, fontsize=10)
+                axes_.axis("off")
+        figure.tight_layout()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=80)
+        plt.close(figure)
+        return Path(path)
