@@ -4,12 +4,14 @@ Edit the settings below, or override any of them: python train.py --NUM_EPOCHS=1
 """
 import csv
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import dataset as data
@@ -48,6 +50,8 @@ FEATURES = (64, 128, 256, 512)    # UNet channels per level; the bottleneck has 
 THRESHOLD = 0.5                   # probability above which a pixel counts as car
 SAVED_IMAGES = "saved_images"     # folder for the prediction pictures written after training
 DEMO = True                       # with no data in DATA_DIR: generate synthetic cars and train with DEMO_SETTINGS
+COMPILE = False                   # torch.compile the model in place: faster steps after a slow first one
+SYNC_BATCHNORM = False            # under torchrun: BatchNorm statistics over all processes' batches (CUDA)
 # -----------------------------------------------------------------------------------------------
 SETTING_NAMES = [name for name in globals() if name.isupper()]
 
@@ -102,32 +106,39 @@ def parse_settings(argv):
     return config, given
 
 
-def prepare_data(config, given):
-    """Use DATA_DIR if it holds images; otherwise (DEMO) the synthetic set, made once."""
+def quiet(*args, **kwargs):
+    """print() for the processes of a torchrun job other than rank 0."""
+
+
+def prepare_data(config, given, rank=0):
+    """Use DATA_DIR if it holds images; otherwise (DEMO) the synthetic set, made once by rank 0."""
     if data.has_data(config["DATA_DIR"]):
         return config
     if not config["DEMO"]:
         raise SystemExit(f"error: no images in {config['DATA_DIR']}/train or {config['DATA_DIR']}/train_images")
     root = Path(config["DATA_DIR"]) / "synthetic"
-    print("=" * 78)
-    print(f"No training images in {config['DATA_DIR']}/. Running the DEMO on synthetic cars instead.")
-    print("For the real data: accept the rules of Kaggle's 'Carvana Image Masking Challenge', then")
-    print("  kaggle competitions download -c carvana-image-masking-challenge")
-    print(f"and unzip train.zip and train_masks.zip into {config['DATA_DIR']}/ (train/, train_masks/).")
+    say = quiet if rank else print
+    say("=" * 78)
+    say(f"No training images in {config['DATA_DIR']}/. Running the DEMO on synthetic cars instead.")
+    say("For the real data: accept the rules of Kaggle's 'Carvana Image Masking Challenge', then")
+    say("  kaggle competitions download -c carvana-image-masking-challenge")
+    say(f"and unzip train.zip and train_masks.zip into {config['DATA_DIR']}/ (train/, train_masks/).")
     marker = root / ".complete"
-    if (marker.read_text() if marker.is_file() else "") != repr(DEMO_DATA):
-        print(f"Generating {DEMO_DATA['cars'] * 16} synthetic images ({DEMO_DATA['size'][0]}x"
+    if rank == 0 and (marker.read_text() if marker.is_file() else "") != repr(DEMO_DATA):
+        say(f"Generating {DEMO_DATA['cars'] * 16} synthetic images ({DEMO_DATA['size'][0]}x"
               f"{DEMO_DATA['size'][1]}) under {root}/ ...")
         data.make_synthetic(root, **DEMO_DATA)
         marker.write_text(repr(DEMO_DATA))
+    if dist.is_initialized():
+        dist.barrier()  # the other processes wait for rank 0's files
     demo = {name: value for name, value in DEMO_SETTINGS.items() if name not in given}
-    print("Demo settings in use: " + ", ".join(f"{k}={v}" for k, v in demo.items()))
-    print("=" * 78)
+    say("Demo settings in use: " + ", ".join(f"{k}={v}" for k, v in demo.items()))
+    say("=" * 78)
     return {**config, **demo, "DATA_DIR": str(root)}
 
 
-def load_samples(config):
-    """(train, val) sample lists, reporting every file that was skipped."""
+def load_samples(config, rank=0):
+    """(train, val) sample lists; rank 0 reports every file that was skipped."""
     splits = data.find_splits(config["DATA_DIR"])
     train, problems = data.scan_pairs(*splits["train"])
     if "val" in splits:
@@ -135,28 +146,40 @@ def load_samples(config):
         problems += val_problems
     else:
         train, val = data.split_by_car(train, config["VAL_FRACTION"], config["SEED"])
-    data.report_problems(problems)
+    if rank == 0:
+        data.report_problems(problems)
     if not train or not val:
         raise SystemExit(f"error: {config['DATA_DIR']} has {len(train)} usable training and "
                          f"{len(val)} validation images; both must be at least 1")
     return train, val
 
 
-def make_loader(samples, transform, config, shuffle, device):
-    size = (config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"])
-    generator = torch.Generator().manual_seed(config["SEED"])
-    transform.set_random_seed(config["SEED"])
-    return DataLoader(data.CarvanaDataset(samples, transform, decode_size=size),
-                      batch_size=config["BATCH_SIZE"], shuffle=shuffle, generator=generator,
-                      num_workers=config["NUM_WORKERS"], persistent_workers=config["NUM_WORKERS"] > 0,
-                      pin_memory=config["PIN_MEMORY"] and device.type == "cuda",
-                      worker_init_fn=data.seed_worker)
+def make_loader(dataset, config, device, seed, shuffle=False, sampler=None):
+    dataset.transform.set_random_seed(seed)
+    return DataLoader(dataset, batch_size=config["BATCH_SIZE"], shuffle=shuffle and sampler is None, sampler=sampler,
+                      generator=torch.Generator().manual_seed(seed), num_workers=config["NUM_WORKERS"],
+                      persistent_workers=config["NUM_WORKERS"] > 0,
+                      pin_memory=config["PIN_MEMORY"] and device.type == "cuda", worker_init_fn=data.seed_worker)
 
 
 def learning_rate(config, step, total_steps):
     """Cosine decay from LEARNING_RATE to 1% of it; derived from the step, so resuming needs no state."""
     progress = min(1.0, step / max(1, total_steps))
     return config["LEARNING_RATE"] * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def setup_distributed(config):
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on CUDA, Gloo on CPU.
+    Returns (rank, world size, device)."""
+    device = get_device(config["DEVICE"])
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world_size, device
 
 
 class NonFiniteLoss(Exception):
@@ -166,7 +189,9 @@ class NonFiniteLoss(Exception):
 def train_one_epoch(loader, model, optimizer, scaler, config, device, amp_dtype, epoch, steps_done, total_steps):
     model.train()
     loss_sum, images = 0.0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config['NUM_EPOCHS']}", unit="batch", leave=False)
+    distributed = dist.is_initialized()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config['NUM_EPOCHS']}", unit="batch", leave=False,
+               disable=distributed and dist.get_rank() > 0)
     for step, (x, y) in enumerate(bar):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, steps_done + step, total_steps)
@@ -175,7 +200,11 @@ def train_one_epoch(loader, model, optimizer, scaler, config, device, amp_dtype,
         with autocast(device, amp_dtype):
             logits = model(x)
         loss = segmentation_loss(logits.float(), y)
-        value = loss.item()
+        mean = loss.detach().clone()
+        if distributed:  # every process sees the same mean loss, so all stop together on NaN
+            dist.all_reduce(mean)
+            mean /= dist.get_world_size()
+        value = mean.item()
         if not math.isfinite(value):
             raise NonFiniteLoss(f"loss became {value} at epoch {epoch + 1}, step {step + 1}")
         optimizer.zero_grad(set_to_none=True)
@@ -215,80 +244,131 @@ def checkpoint_state(model, optimizer, scaler, epoch, best_dice, config):
             "image_size": (config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]), "threshold": config["THRESHOLD"]}
 
 
+def build_model(config, device, world_size):
+    model = UNet(features=config["FEATURES"]).to(device, memory_format=torch.channels_last)
+    if config["SYNC_BATCHNORM"] and world_size > 1:
+        if device.type != "cuda":
+            raise SystemExit("error: SYNC_BATCHNORM needs CUDA devices; set it to false for CPU runs")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def resume(checkpoints, model, optimizer, scaler, device):
+    try:
+        state = load_checkpoint(checkpoints / "last.pt", device)
+        model.load_state_dict(state["model"])
+    except (CheckpointError, RuntimeError) as error:
+        raise SystemExit(f"error: cannot resume (LOAD_MODEL): {str(error).splitlines()[0]}") from None
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    return state["epoch"], state["best_dice"]
+
+
 def main(argv=None):
     config, given = parse_settings(sys.argv[1:] if argv is None else argv)
+    rank, world_size, device = setup_distributed(config)
+    try:
+        result = run(config, given, rank, world_size, device)
+        if world_size > 1:
+            dist.barrier()  # the others wait while rank 0 draws its pictures, then all leave together
+        return result
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def run(config, given, rank, world_size, device):
+    say = quiet if rank else print
     seed_everything(config["SEED"])
-    device = get_device(config["DEVICE"])
     amp_dtype = autocast_dtype(device) if config["AMP"] else None
-    config = prepare_data(config, given)
-    train_samples, val_samples = load_samples(config)
+    config = prepare_data(config, given, rank)
+    train_samples, val_samples = load_samples(config, rank)
     height, width = config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]
-    print(f"device {device}, mixed precision {amp_dtype or 'off'}, {len(train_samples)} training and "
-          f"{len(val_samples)} validation images at {height}x{width}")
+    say(f"device {device}{f' x {world_size} processes' if world_size > 1 else ''}, mixed precision "
+        f"{amp_dtype or 'off'}, {len(train_samples)} training and {len(val_samples)} validation images "
+        f"at {height}x{width}")
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-    model = UNet(features=config["FEATURES"]).to(device, memory_format=torch.channels_last)
+    model = build_model(config, device, world_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["LEARNING_RATE"])
     # Loss scaling is needed only for float16; bfloat16 has float32's range.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     checkpoints = Path(config["CHECKPOINT_DIR"])
     start_epoch, best_dice = 0, -1.0
     if config["LOAD_MODEL"]:
-        try:
-            state = load_checkpoint(checkpoints / "last.pt", device)
-        except CheckpointError as error:
-            raise SystemExit(f"error: cannot resume (LOAD_MODEL): {error}") from None
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, best_dice = state["epoch"], state["best_dice"]
-        print(f"resumed from {checkpoints / 'last.pt'}: {start_epoch} epochs done, best Dice {best_dice:.4f}")
+        start_epoch, best_dice = resume(checkpoints, model, optimizer, scaler, device)
+        say(f"resumed from {checkpoints / 'last.pt'}: {start_epoch} epochs done, best Dice {best_dice:.4f}")
+    if config["COMPILE"]:
+        model.compile()  # in place: parameter names, and so checkpoints, stay as they are
+    trained = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
 
-    train_loader = make_loader(train_samples, data.train_transform(height, width), config, True, device)
-    val_loader = make_loader(val_samples, data.val_transform(height, width), config, False, device)
+    train_set = data.CarvanaDataset(train_samples, data.train_transform(height, width), decode_size=(height, width))
+    # drop_last: no sample is padded in twice, so the processes' shares never overlap.
+    sampler = DistributedSampler(train_set, seed=config["SEED"], drop_last=True) if world_size > 1 else None
+    train_loader = make_loader(train_set, config, device, config["SEED"] + rank, shuffle=True, sampler=sampler)
+    # Each process scores every world_size-th validation image; check_accuracy adds up the sums.
+    val_set = data.CarvanaDataset(val_samples[rank::world_size], data.val_transform(height, width), (height, width))
+    val_loader = make_loader(val_set, config, device, config["SEED"])
     total_steps = config["NUM_EPOCHS"] * len(train_loader)
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    # The held-out images, for `predict.py --input CHECKPOINT_DIR/val_files.txt --masks ...`.
-    (checkpoints / "val_files.txt").write_text("".join(f"{s.image}\n" for s in val_samples))
     history = read_history(checkpoints / "history.csv", start_epoch)
     curves = Path(config["SAVED_IMAGES"]) / "training_curves.png"
+    if rank == 0:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        # The held-out images, for `predict.py --input CHECKPOINT_DIR/val_files.txt --masks ...`.
+        (checkpoints / "val_files.txt").write_text("".join(f"{s.image}\n" for s in val_samples))
     metrics = None
     for epoch in range(start_epoch, config["NUM_EPOCHS"]):
         started = time.time()
+        if sampler:
+            sampler.set_epoch(epoch)
         try:
-            train_loss = train_one_epoch(train_loader, model, optimizer, scaler, config, device, amp_dtype,
+            train_loss = train_one_epoch(train_loader, trained, optimizer, scaler, config, device, amp_dtype,
                                          epoch, epoch * len(train_loader), total_steps)
         except NonFiniteLoss as error:
             kept = checkpoints / "last.pt"
             raise SystemExit(f"error: {error}; stopped. Last good checkpoint: "
                              f"{kept if kept.is_file() else 'none yet'}. Try a lower LEARNING_RATE.") from None
-        metrics = check_accuracy(val_loader, model, device, config["THRESHOLD"], amp_dtype, segmentation_loss)
-        print(f"epoch {epoch + 1}/{config['NUM_EPOCHS']}: train loss {train_loss:.4f}, "
-              f"val loss {metrics['loss']:.4f}, val Dice {metrics['dice']:.4f}, "
-              f"pixel accuracy {100 * metrics['pixel_accuracy']:.2f}% ({time.time() - started:.0f}s)")
-        history.append({"epoch": epoch + 1, "train_loss": f"{train_loss:.5f}", "val_loss": f"{metrics['loss']:.5f}",
-                        "dice": f"{metrics['dice']:.5f}", "pixel_accuracy": f"{metrics['pixel_accuracy']:.5f}",
-                        "learning_rate": f"{optimizer.param_groups[0]['lr']:.3g}",
-                        "seconds": f"{time.time() - started:.1f}"})
-        write_history(history, checkpoints / "history.csv")
-        save_training_curves(history, curves)
+        if world_size > 1:  # every process scores the model rank 0 saves, BatchNorm statistics included
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
+        metrics = check_accuracy(val_loader, model, device, config["THRESHOLD"], amp_dtype, segmentation_loss,
+                                 all_ranks=world_size > 1)
         improved = metrics["dice"] > best_dice
         best_dice = max(best_dice, metrics["dice"])
-        state = checkpoint_state(model, optimizer, scaler, epoch + 1, best_dice, config)
-        save_checkpoint(state, checkpoints / "last.pt")
-        if improved:
-            save_checkpoint(state, checkpoints / "best.pt")
-            print(f"  new best Dice: saved {checkpoints / 'best.pt'}")
+        if rank == 0:
+            record_epoch(config, epoch, train_loss, metrics, started, history, curves,
+                         checkpoint_state(model, optimizer, scaler, epoch + 1, best_dice, config), improved)
 
-    written = save_predictions_as_imgs(val_loader.dataset, model, config["SAVED_IMAGES"], device,
-                                       threshold=config["THRESHOLD"], amp_dtype=amp_dtype)
-    worst = WorstImages()
-    check_accuracy(val_loader, model, device, config["THRESHOLD"], amp_dtype, worst=worst)
-    gallery = worst.save(Path(config["SAVED_IMAGES"]) / "worst_predictions.png")
-    print(f"best validation Dice {best_dice:.4f}; checkpoints and history.csv in {checkpoints}/; "
-          f"{len(written)} prediction pictures, {curves.name} and {gallery.name} in {config['SAVED_IMAGES']}/")
+    if rank == 0:
+        full_val = data.CarvanaDataset(val_samples, data.val_transform(height, width), (height, width))
+        written = save_predictions_as_imgs(full_val, model, config["SAVED_IMAGES"], device,
+                                           threshold=config["THRESHOLD"], amp_dtype=amp_dtype)
+        worst = WorstImages()
+        check_accuracy(make_loader(full_val, config, device, config["SEED"]), model, device, config["THRESHOLD"],
+                       amp_dtype, worst=worst)
+        gallery = worst.save(Path(config["SAVED_IMAGES"]) / "worst_predictions.png")
+        print(f"best validation Dice {best_dice:.4f}; checkpoints and history.csv in {checkpoints}/; "
+              f"{len(written)} prediction pictures, {curves.name} and {gallery.name} in {config['SAVED_IMAGES']}/")
     return {"best_dice": best_dice, "last": metrics, "config": config}
+
+
+def record_epoch(config, epoch, train_loss, metrics, started, history, curves, state, improved):
+    """Print the epoch, add it to history.csv and the curves, save last.pt and (improved) best.pt."""
+    checkpoints = Path(config["CHECKPOINT_DIR"])
+    print(f"epoch {epoch + 1}/{config['NUM_EPOCHS']}: train loss {train_loss:.4f}, "
+          f"val loss {metrics['loss']:.4f}, val Dice {metrics['dice']:.4f}, "
+          f"pixel accuracy {100 * metrics['pixel_accuracy']:.2f}% ({time.time() - started:.0f}s)")
+    history.append({"epoch": epoch + 1, "train_loss": f"{train_loss:.5f}", "val_loss": f"{metrics['loss']:.5f}",
+                    "dice": f"{metrics['dice']:.5f}", "pixel_accuracy": f"{metrics['pixel_accuracy']:.5f}",
+                    "learning_rate": f"{state['optimizer']['param_groups'][0]['lr']:.3g}",
+                    "seconds": f"{time.time() - started:.1f}"})
+    write_history(history, checkpoints / "history.csv")
+    save_training_curves(history, curves)
+    save_checkpoint(state, checkpoints / "last.pt")
+    if improved:
+        save_checkpoint(state, checkpoints / "best.pt")
+        print(f"  new best Dice: saved {checkpoints / 'best.pt'}")
 
 
 if __name__ == "__main__":

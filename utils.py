@@ -76,9 +76,10 @@ def dice_by_threshold(probability, truth):
 
 
 @torch.no_grad()
-def check_accuracy(loader, model, device, threshold=0.5, amp_dtype=None, loss_fn=None, worst=None):
+def check_accuracy(loader, model, device, threshold=0.5, amp_dtype=None, loss_fn=None, worst=None, all_ranks=False):
     """Mean per-image Dice, pixel accuracy and (with loss_fn) mean loss over a loader.
-    With a WorstImages `worst`, also collects the lowest-Dice images (the loader must not shuffle)."""
+    With a WorstImages `worst`, also collects the lowest-Dice images (the loader must not shuffle).
+    With all_ranks, each torchrun process scores its share and the sums are added over processes."""
     names = iter(Path(sample.image).name for sample in loader.dataset.samples) if worst is not None else None
     was_training = model.training
     model.eval()
@@ -103,6 +104,10 @@ def check_accuracy(loader, model, device, threshold=0.5, amp_dtype=None, loss_fn
         pixels += target.numel()
         images += x.shape[0]
     model.train(was_training)
+    if all_ranks:
+        sums = torch.tensor([dice_sum, images, correct, pixels, loss_sum], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        dice_sum, images, correct, pixels, loss_sum = sums.tolist()
     if images == 0:
         raise ValueError("the validation loader yielded no images")
     return {"dice": dice_sum / images, "pixel_accuracy": correct / pixels, "loss": loss_sum / images,

@@ -1,0 +1,82 @@
+"""train.py under torchrun with Gloo on CPU: two processes, one checkpoint format."""
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dataset as data
+from conftest import LEARNS, tiny_args
+from utils import check_accuracy, load_checkpoint, model_from_checkpoint, segmentation_loss
+
+
+def torchrun():
+    launcher = Path(sys.executable).with_name("torchrun")
+    return [str(launcher)] if launcher.exists() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, synthetic_root):
+    tmp = tmp_path_factory.mktemp("ddp")
+    seen = tmp / "seen"
+    seen.mkdir()
+    # AMP off: float32 makes the single-process check below reproduce the printed Dice exactly.
+    args = tiny_args(tmp, synthetic_root, 2, *LEARNS, "--AMP=false", "--VAL_FRACTION=0.25")
+    run = subprocess.run([*torchrun(), "--standalone", "--nproc_per_node=2",
+                          str(Path(__file__).with_name("ddp_probe.py")), str(seen), *args],
+                         capture_output=True, text=True, timeout=120, check=False)
+    return tmp, seen, run
+
+
+def test_torchrun_ends_cleanly_with_one_set_of_checkpoints(two_process_run):
+    tmp, _, run = two_process_run
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert sorted(p.name for p in (tmp / "checkpoints").glob("*.pt")) == ["best.pt", "last.pt"]
+    assert run.stdout.count("epoch 2/2:") == 1  # rank 0 alone prints
+    assert "x 2 processes" in run.stdout
+    state = load_checkpoint(tmp / "checkpoints" / "last.pt")
+    assert state["epoch"] == 2 and not any(key.startswith("module.") for key in state["model"])
+
+
+def test_ranks_train_on_disjoint_samples_reshuffled_each_epoch(two_process_run):
+    _, seen, _ = two_process_run
+    shares = {path.stem: path.read_text().split() for path in seen.glob("*.txt")}
+    assert set(shares) == {"rank0_epoch0", "rank1_epoch0", "rank0_epoch1", "rank1_epoch1"}
+    for epoch in (0, 1):
+        first, second = shares[f"rank0_epoch{epoch}"], shares[f"rank1_epoch{epoch}"]
+        assert first and len(first) == len(second) and not set(first) & set(second)
+    assert shares["rank0_epoch0"] != shares["rank0_epoch1"]
+
+
+def test_printed_scores_are_the_whole_validation_set_scores(two_process_run):
+    tmp, _, run = two_process_run
+    printed = {int(epoch): (float(loss), float(dice), float(accuracy)) for epoch, loss, dice, accuracy in re.findall(
+        r"epoch (\d)/2: train loss [\d.]+, val loss ([\d.]+), val Dice ([\d.]+), pixel accuracy ([\d.]+)%",
+        run.stdout)}
+    state = load_checkpoint(tmp / "checkpoints" / "best.pt")
+    loss, dice, accuracy = printed[state["epoch"]]
+    assert dice > 0  # a model that predicts some car, so that the comparison means something
+    config = state["config"]
+    samples, _ = data.scan_pairs(Path(config["DATA_DIR"]) / "train", Path(config["DATA_DIR"]) / "train_masks")
+    _, val = data.split_by_car(samples, config["VAL_FRACTION"], config["SEED"])
+    assert len(val) == 4  # 1 of 4 cars: each process scored 2 of its images
+    loader = torch.utils.data.DataLoader(data.CarvanaDataset(val, data.val_transform(*state["image_size"])),
+                                         batch_size=3)
+    single = check_accuracy(loader, model_from_checkpoint(state), torch.device("cpu"), loss_fn=segmentation_loss)
+    assert single["images"] == 4
+    assert abs(single["dice"] - dice) <= 5e-5 and abs(single["loss"] - loss) <= 5e-5
+    assert abs(100 * single["pixel_accuracy"] - accuracy) <= 5e-3
+
+
+def test_single_process_resume_from_a_torchrun_checkpoint(two_process_run, synthetic_root, tmp_path):
+    tmp, _, _ = two_process_run
+    shutil.copytree(tmp / "checkpoints", tmp_path / "checkpoints")
+    import train
+
+    result = train.main(tiny_args(tmp_path, synthetic_root, 3, *LEARNS, "--AMP=false", "--VAL_FRACTION=0.25",
+                                  "--LOAD_MODEL=true"))
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 3
+    assert result["last"]["images"] == 4
