@@ -1,4 +1,5 @@
 """Carvana images and masks: finding pairs, checking files, decoding, augmenting, splitting."""
+import hashlib
 import os
 import random
 import sys
@@ -199,27 +200,123 @@ def to_tensor(image):
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
+def load_pair(sample, decode_size=None):
+    """(RGB image, {0,1} mask) of a sample; with decode_size, JPEGs are decoded at reduced size."""
+    image = read_image(sample.image, reduced_decode_flag(sample.width, sample.height, decode_size))
+    mask = read_mask(sample.mask)
+    if image.shape[:2] != mask.shape:
+        mask = cv2.resize(mask, image.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+    return image, mask
+
+
+def resize_pair(image, mask, size):
+    """Both to (height, width) as the transforms' Resize does it: area for images, nearest for masks."""
+    height, width = size
+    if image.shape[:2] == (height, width):
+        return image, mask
+    return (cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA),
+            cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST))
+
+
+class ResizedCache:
+    """Images and masks decoded once and resized to the training size, kept as uint8 arrays in
+    .npy files that every loader worker memory-maps. The file names carry a key made from the
+    size and each source file's path, byte size and modification time: any change rebuilds."""
+
+    VERSION = 1
+
+    def __init__(self, folder, name, samples, size):
+        self.samples, self.size = list(samples), tuple(size)
+        stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for s in self.samples for p in (s.image, s.mask)]
+        key = hashlib.sha1(repr((self.VERSION, self.size, stamp)).encode()).hexdigest()[:12]
+        self.prefix = f"{name}-{size[0]}x{size[1]}-"
+        self.folder = Path(folder)
+        self.paths = {part: self.folder / f"{self.prefix}{key}-{part}.npy" for part in ("images", "masks", "ok")}
+        self.rows = {s.image: row for row, s in enumerate(self.samples)}
+        self.arrays = None
+
+    def __getstate__(self):  # loader workers open their own memory maps
+        return {**self.__dict__, "arrays": None}
+
+    def ready(self):
+        return all(path.is_file() for path in self.paths.values())
+
+    def bytes_needed(self):
+        height, width = self.size
+        return len(self.samples) * height * width * 5
+
+    def build(self, workers=0):
+        """Decode every sample once (in `workers` processes), with a progress bar."""
+        from numpy.lib.format import open_memmap
+        from tqdm import tqdm
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        count, (height, width) = len(self.samples), self.size
+        temporary = {part: path.with_name(f".{path.name}.tmp") for part, path in self.paths.items()}
+        images = open_memmap(temporary["images"], "w+", np.uint8, (count, height, width, 3))
+        masks = open_memmap(temporary["masks"], "w+", np.uint8, (count, height, width))
+        ok = np.zeros(count, np.uint8)
+        loader = torch.utils.data.DataLoader(_Decoded(self.samples, self.size), batch_size=None, num_workers=workers)
+        for row, image, mask, problem in tqdm(loader, total=count, desc=f"caching {self.prefix[:-1]}", unit="img"):
+            if problem:
+                print(f"warning: skipping {problem}", file=sys.stderr)
+                continue
+            images[row], masks[row], ok[row] = image, mask, 1
+        images.flush()
+        masks.flush()
+        del images, masks
+        with open(temporary["ok"], "wb") as stream:  # a handle: np.save would add .npy to the name
+            np.save(stream, ok)
+        for part, path in self.paths.items():
+            os.replace(temporary[part], path)
+        for stale in self.folder.glob(f"{self.prefix}*.npy"):  # the same split at the same size, older data
+            if stale not in self.paths.values():
+                stale.unlink()
+
+    def get(self, sample):
+        if self.arrays is None:
+            self.arrays = {part: np.load(path, mmap_mode="r") for part, path in self.paths.items()}
+        row = self.rows[sample.image]
+        if not self.arrays["ok"][row]:
+            raise ValueError(f"{sample.image}: could not be decoded when the cache was built")
+        return np.array(self.arrays["images"][row]), np.array(self.arrays["masks"][row])
+
+
+class _Decoded(Dataset):
+    """(row, image, mask, problem) at the cache's size, for ResizedCache.build's loader workers."""
+
+    def __init__(self, samples, size):
+        self.samples, self.size = samples, size
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, row):
+        try:
+            return (row, *resize_pair(*load_pair(self.samples[row], self.size), self.size), None)
+        except (OSError, ValueError, cv2.error) as error:
+            return row, None, None, str(error)
+
+
 class CarvanaDataset(Dataset):
     """Image/mask pairs through a transform. A file that fails to decode is reported once and
-    replaced by the next sample, so a bad file found mid-epoch never stops training."""
+    replaced by the next sample, so a bad file found mid-epoch never stops training.
+    decode_size (height, width) allows reduced JPEG decoding; a ResizedCache skips decoding."""
 
-    def __init__(self, samples, transform, decode_size=None):
+    def __init__(self, samples, transform, decode_size=None, cache=None):
         self.samples = list(samples)
         self.transform = transform
-        self.decode_size = decode_size  # (height, width) allows reduced JPEG decoding
+        self.decode_size = decode_size
+        self.cache = cache
         self.failed = set()
 
     def __len__(self):
         return len(self.samples)
 
     def load(self, index):
-        sample = self.samples[index]
-        flag = reduced_decode_flag(sample.width, sample.height, self.decode_size)
-        image = read_image(sample.image, flag)
-        mask = read_mask(sample.mask)
-        if image.shape[:2] != mask.shape:
-            mask = cv2.resize(mask, image.shape[1::-1], interpolation=cv2.INTER_NEAREST)
-        return image, mask
+        if self.cache is not None:
+            return self.cache.get(self.samples[index])
+        return load_pair(self.samples[index], self.decode_size)
 
     def __getitem__(self, index):
         for attempt in range(len(self.samples)):

@@ -5,6 +5,7 @@ Edit the settings below, or override any of them: python train.py --NUM_EPOCHS=1
 import csv
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,7 @@ FEATURES = (64, 128, 256, 512)    # UNet channels per level; the bottleneck has 
 THRESHOLD = 0.5                   # probability above which a pixel counts as car
 SAVED_IMAGES = "saved_images"     # folder for the prediction pictures written after training
 DEMO = True                       # with no data in DATA_DIR: generate synthetic cars and train with DEMO_SETTINGS
+CACHE_DIR = "cache"               # decoded, resized uint8 copies of the data, made once (local disk); "" decodes every epoch
 COMPILE = False                   # torch.compile the model in place: faster steps after a slow first one
 SYNC_BATCHNORM = False            # under torchrun: BatchNorm statistics over all processes' batches (CUDA)
 # -----------------------------------------------------------------------------------------------
@@ -160,6 +162,27 @@ def make_loader(dataset, config, device, seed, shuffle=False, sampler=None):
                       generator=torch.Generator().manual_seed(seed), num_workers=config["NUM_WORKERS"],
                       persistent_workers=config["NUM_WORKERS"] > 0,
                       pin_memory=config["PIN_MEMORY"] and device.type == "cuda", worker_init_fn=data.seed_worker)
+
+
+def make_cache(samples, name, config, rank, device):
+    """The split's ResizedCache, built by rank 0 if needed; None without CACHE_DIR or disk space."""
+    if not config["CACHE_DIR"]:
+        return None
+    cache = data.ResizedCache(config["CACHE_DIR"], name, samples, (config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]))
+    if rank == 0 and not cache.ready():
+        Path(config["CACHE_DIR"]).mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(config["CACHE_DIR"]).free
+        if free < 1.2 * cache.bytes_needed():
+            print(f"warning: {config['CACHE_DIR']} has {free / 2**30:.1f} GiB free, the {name} cache needs "
+                  f"{cache.bytes_needed() / 2**30:.1f} GiB: decoding every epoch instead", file=sys.stderr)
+            cache = None
+        else:
+            cache.build(config["NUM_WORKERS"])
+    if dist.is_initialized():
+        ready = torch.tensor([cache is not None], device=device)  # rank 0 may have found too little disk
+        dist.broadcast(ready, 0)
+        cache = cache if ready.item() else None
+    return cache
 
 
 def learning_rate(config, step, total_steps):
@@ -303,12 +326,15 @@ def run(config, given, rank, world_size, device):
         model.compile()  # in place: parameter names, and so checkpoints, stay as they are
     trained = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
 
-    train_set = data.CarvanaDataset(train_samples, data.train_transform(height, width), decode_size=(height, width))
+    train_set = data.CarvanaDataset(train_samples, data.train_transform(height, width), (height, width),
+                                    make_cache(train_samples, "train", config, rank, device))
     # drop_last: no sample is padded in twice, so the processes' shares never overlap.
     sampler = DistributedSampler(train_set, seed=config["SEED"], drop_last=True) if world_size > 1 else None
     train_loader = make_loader(train_set, config, device, config["SEED"] + rank, shuffle=True, sampler=sampler)
     # Each process scores every world_size-th validation image; check_accuracy adds up the sums.
-    val_set = data.CarvanaDataset(val_samples[rank::world_size], data.val_transform(height, width), (height, width))
+    val_cache = make_cache(val_samples, "val", config, rank, device)
+    val_set = data.CarvanaDataset(val_samples[rank::world_size], data.val_transform(height, width), (height, width),
+                                  val_cache)
     val_loader = make_loader(val_set, config, device, config["SEED"])
     total_steps = config["NUM_EPOCHS"] * len(train_loader)
     history = read_history(checkpoints / "history.csv", start_epoch)
@@ -341,7 +367,7 @@ def run(config, given, rank, world_size, device):
                          checkpoint_state(model, optimizer, scaler, epoch + 1, best_dice, config), improved)
 
     if rank == 0:
-        full_val = data.CarvanaDataset(val_samples, data.val_transform(height, width), (height, width))
+        full_val = data.CarvanaDataset(val_samples, data.val_transform(height, width), (height, width), val_cache)
         written = save_predictions_as_imgs(full_val, model, config["SAVED_IMAGES"], device,
                                            threshold=config["THRESHOLD"], amp_dtype=amp_dtype)
         worst = WorstImages()

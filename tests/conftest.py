@@ -16,7 +16,7 @@ TINY = ["--FEATURES=4,8", "--IMAGE_HEIGHT=32", "--IMAGE_WIDTH=48", "--BATCH_SIZE
 
 def tiny_args(tmp, data_dir, epochs=1, *extra):
     """train.py arguments for a seconds-long run writing everything under tmp."""
-    return [f"--DATA_DIR={data_dir}", f"--CHECKPOINT_DIR={tmp / 'checkpoints'}",
+    return [f"--DATA_DIR={data_dir}", f"--CHECKPOINT_DIR={tmp / 'checkpoints'}", f"--CACHE_DIR={tmp / 'cache'}",
             f"--SAVED_IMAGES={tmp / 'saved_images'}", f"--NUM_EPOCHS={epochs}", *TINY, *extra]
 
 
