@@ -252,7 +252,8 @@ class ResizedCache:
 
         self.folder.mkdir(parents=True, exist_ok=True)
         count, (height, width) = len(self.samples), self.size
-        temporary = {part: path.with_name(f".{path.name}.tmp") for part, path in self.paths.items()}
+        # Per-process names: machines sharing one CACHE_DIR may build the same cache at once.
+        temporary = {part: path.with_name(f".{path.name}.{os.getpid()}.tmp") for part, path in self.paths.items()}
         images = open_memmap(temporary["images"], "w+", np.uint8, (count, height, width, 3))
         masks = open_memmap(temporary["masks"], "w+", np.uint8, (count, height, width))
         ok = np.zeros(count, np.uint8)

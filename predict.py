@@ -28,6 +28,7 @@ from utils import (
     model_from_checkpoint,
     overlay,
     rle_encode,
+    to_model_input,
 )
 
 SUBMISSION_HEADER = "img,rle_mask\n"
@@ -98,7 +99,7 @@ def as_list(batch):
 @torch.no_grad()
 def probabilities(model, x, sizes, device, amp_dtype, tta=False):
     """Car probability for each image of a batch, upsampled to each image's own size."""
-    x = x.to(device).contiguous(memory_format=torch.channels_last)
+    x = to_model_input(x, model, device)
     with autocast(device, amp_dtype):
         probability = torch.sigmoid(model(x).float())
         if tta:  # the flip's prediction, flipped back

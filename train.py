@@ -30,6 +30,7 @@ from utils import (
     save_training_curves,
     seed_everything,
     segmentation_loss,
+    to_model_input,
 )
 
 # ---- settings ---------------------------------------------------------------------------------
@@ -51,6 +52,7 @@ FEATURES = (64, 128, 256, 512)    # UNet channels per level; the bottleneck has 
 THRESHOLD = 0.5                   # probability above which a pixel counts as car
 SAVED_IMAGES = "saved_images"     # folder for the prediction pictures written after training
 DEMO = True                       # with no data in DATA_DIR: generate synthetic cars and train with DEMO_SETTINGS
+CHANNELS_LAST = True              # NHWC memory format: faster convolutions with oneDNN and cuDNN tensor cores
 CACHE_DIR = "cache"               # decoded, resized uint8 copies of the data, made once (local disk); "" decodes every epoch
 COMPILE = False                   # torch.compile the model in place: faster steps after a slow first one
 SYNC_BATCHNORM = False            # under torchrun: BatchNorm statistics over all processes' batches (CUDA)
@@ -164,25 +166,23 @@ def make_loader(dataset, config, device, seed, shuffle=False, sampler=None):
                       pin_memory=config["PIN_MEMORY"] and device.type == "cuda", worker_init_fn=data.seed_worker)
 
 
-def make_cache(samples, name, config, rank, device):
-    """The split's ResizedCache, built by rank 0 if needed; None without CACHE_DIR or disk space."""
+def make_cache(samples, name, config, builder):
+    """The split's ResizedCache, built by one process per machine if needed; None without
+    CACHE_DIR or when the disk is too small."""
     if not config["CACHE_DIR"]:
         return None
     cache = data.ResizedCache(config["CACHE_DIR"], name, samples, (config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]))
-    if rank == 0 and not cache.ready():
+    if builder and not cache.ready():
         Path(config["CACHE_DIR"]).mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(config["CACHE_DIR"]).free
         if free < 1.2 * cache.bytes_needed():
             print(f"warning: {config['CACHE_DIR']} has {free / 2**30:.1f} GiB free, the {name} cache needs "
                   f"{cache.bytes_needed() / 2**30:.1f} GiB: decoding every epoch instead", file=sys.stderr)
-            cache = None
         else:
             cache.build(config["NUM_WORKERS"])
     if dist.is_initialized():
-        ready = torch.tensor([cache is not None], device=device)  # rank 0 may have found too little disk
-        dist.broadcast(ready, 0)
-        cache = cache if ready.item() else None
-    return cache
+        dist.barrier()  # the machine's other processes wait for its builder
+    return cache if cache.ready() else None
 
 
 def learning_rate(config, step, total_steps):
@@ -218,7 +218,7 @@ def train_one_epoch(loader, model, optimizer, scaler, config, device, amp_dtype,
     for step, (x, y) in enumerate(bar):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, steps_done + step, total_steps)
-        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        x = to_model_input(x, model, device)
         y = y.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             logits = model(x)
@@ -268,7 +268,8 @@ def checkpoint_state(model, optimizer, scaler, epoch, best_dice, config):
 
 
 def build_model(config, device, world_size):
-    model = UNet(features=config["FEATURES"]).to(device, memory_format=torch.channels_last)
+    memory_format = torch.channels_last if config["CHANNELS_LAST"] else torch.contiguous_format
+    model = UNet(features=config["FEATURES"]).to(device, memory_format=memory_format)
     if config["SYNC_BATCHNORM"] and world_size > 1:
         if device.type != "cuda":
             raise SystemExit("error: SYNC_BATCHNORM needs CUDA devices; set it to false for CPU runs")
@@ -326,13 +327,14 @@ def run(config, given, rank, world_size, device):
         model.compile()  # in place: parameter names, and so checkpoints, stay as they are
     trained = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
 
+    builder = int(os.environ.get("LOCAL_RANK", "0")) == 0  # node-local cache folders work too
     train_set = data.CarvanaDataset(train_samples, data.train_transform(height, width), (height, width),
-                                    make_cache(train_samples, "train", config, rank, device))
+                                    make_cache(train_samples, "train", config, builder))
     # drop_last: no sample is padded in twice, so the processes' shares never overlap.
     sampler = DistributedSampler(train_set, seed=config["SEED"], drop_last=True) if world_size > 1 else None
     train_loader = make_loader(train_set, config, device, config["SEED"] + rank, shuffle=True, sampler=sampler)
     # Each process scores every world_size-th validation image; check_accuracy adds up the sums.
-    val_cache = make_cache(val_samples, "val", config, rank, device)
+    val_cache = make_cache(val_samples, "val", config, builder)
     val_set = data.CarvanaDataset(val_samples[rank::world_size], data.val_transform(height, width), (height, width),
                                   val_cache)
     val_loader = make_loader(val_set, config, device, config["SEED"])

@@ -38,6 +38,14 @@ def autocast_dtype(device):
     return None
 
 
+def to_model_input(x, model, device):
+    """A batch on the device in the model's memory format (channels-last when the model is)."""
+    weight = next(model.parameters())
+    channels_last = weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)
+    return x.to(device, non_blocking=True).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
@@ -85,7 +93,7 @@ def check_accuracy(loader, model, device, threshold=0.5, amp_dtype=None, loss_fn
     model.eval()
     dice_sum, images, correct, pixels, loss_sum = 0.0, 0, 0, 0, 0.0
     for x, y in loader:
-        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        x = to_model_input(x, model, device)
         y = y.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             logits = model(x)
@@ -218,7 +226,7 @@ def save_predictions_as_imgs(dataset, model, folder="saved_images", device="cpu"
     written = []
     for index in range(min(count, len(dataset))):
         x, y = dataset[index]
-        batch = x[None].to(device).contiguous(memory_format=torch.channels_last)
+        batch = to_model_input(x[None], model, device)
         with autocast(device, amp_dtype):
             probability = torch.sigmoid(model(batch).float())[0, 0].cpu().numpy()
         image = (x.permute(1, 2, 0).numpy().clip(0, 1) * 255).astype(np.uint8)

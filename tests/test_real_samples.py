@@ -47,3 +47,23 @@ def test_predict_on_real_images_writes_full_size_masks(trained, tmp_path, capsys
         with Image.open(tmp_path / "out" / f"{name}_mask.png") as mask:
             assert mask.size == (1918, 1280)
     assert "full-resolution Dice" in capsys.readouterr().out
+
+
+def test_submission_rows_for_real_images_decode_to_the_written_masks(trained, tmp_path):
+    import csv
+
+    from utils import rle_decode
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("1ae8a68a40e4_01.jpg", "2faf504842df_05.jpg", "3d7a1030deeb_09.jpg"):
+        (inputs / name).symlink_to(REAL_SAMPLES / "train" / name)
+    status = predict.main(["--checkpoint", str(trained[0] / "checkpoints" / "best.pt"), "--input", str(inputs),
+                           "--output", str(tmp_path / "out"), "--submission", str(tmp_path / "sub.csv")])
+    assert status == 0
+    rows = list(csv.reader((tmp_path / "sub.csv").read_text().splitlines()))
+    assert rows[0] == ["img", "rle_mask"] and sorted(r[0] for r in rows[1:]) == sorted(p.name for p in inputs.iterdir())
+    for name, text in rows[1:]:
+        written = np.array(Image.open(tmp_path / "out" / name.replace(".jpg", "_mask.png"))) > 0
+        assert written.shape == (1280, 1918)
+        assert np.array_equal(rle_decode(text, (1280, 1918)).astype(bool), written)

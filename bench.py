@@ -1,0 +1,239 @@
+"""Measure data loading, training and inference speed on this machine, in one run, as a table.
+
+python bench.py [--height 160 --width 240 --batch 16 --steps 2 --images 24 --data DIR --no-compile]
+python bench.py --epoch DIR    # also: one train.py epoch on DIR before and after this project's fast paths
+
+Ratios are only meaningful between rows of the same run on the same machine.
+"""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import dataset as data
+from model import UNet
+from utils import autocast, autocast_dtype, get_device, segmentation_loss
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--height", type=int, default=160, help="training height in pixels")
+    parser.add_argument("--width", type=int, default=240, help="training width in pixels")
+    parser.add_argument("--batch", type=int, default=16, help="images per training step")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per training path (after a warm-up step)")
+    parser.add_argument("--images", type=int, default=24, help="full-size images for the data measurements")
+    parser.add_argument("--features", default="64,128,256,512", help="UNet widths (train.py's FEATURES)")
+    parser.add_argument("--data", help="a Carvana-layout folder to read instead of generated 1918x1280 images")
+    parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (saves ~40 s on CPU)")
+    parser.add_argument("--epoch", metavar="DIR", help="time one train.py epoch on DIR before and after")
+    return parser.parse_args(argv)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA's allocator on a GPU, the process's resident set on a CPU."""
+
+    def __init__(self, device):
+        self.device, self.peak = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            try:  # Linux: "5" resets the peak resident set size (VmHWM)
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            import resource
+
+            status = Path("/proc/self/status")
+            lines = status.read_text().splitlines() if status.exists() else []
+            kib = [int(line.split()[1]) for line in lines if line.startswith("VmHWM:")]
+            self.peak = 1024 * (kib[0] if kib else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def data_rates(samples, size, count):
+    """Images/s through CarvanaDataset (training transform included) in one process."""
+    rates = {}
+    transform = data.train_transform(*size)
+    with tempfile.TemporaryDirectory() as folder:
+        cache = data.ResizedCache(folder, "bench", samples, size)
+        started = time.perf_counter()
+        cache.build()
+        rates["cache build (once)"] = len(samples) / (time.perf_counter() - started)
+        modes = {"full decode + resize": {}, "reduced JPEG decode": {"decode_size": size}, "cache": {"cache": cache}}
+        for name, options in modes.items():
+            dataset = data.CarvanaDataset(samples, transform, **options)
+            dataset[0]
+            started = time.perf_counter()
+            for index in range(count):
+                dataset[index % len(dataset)]
+            rates[name] = count / (time.perf_counter() - started)
+    return rates
+
+
+def matmul_ceiling(device, dtype, size=4096, repeats=3):
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def training_rate(args, device, features, amp_dtype, channels_last, compile_model):
+    """(images/s, FLOP per step, peak bytes) of optimizer steps on random batches."""
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = UNet(features=features).to(device, memory_format=memory_format)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    x = torch.randn(args.batch, 3, args.height, args.width, device=device).contiguous(memory_format=memory_format)
+    y = (torch.rand(args.batch, 1, args.height, args.width, device=device) > 0.5).float()
+
+    def step():
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        loss = segmentation_loss(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    with FlopCounterMode(display=False) as counter:
+        step()  # also the warm-up
+    if compile_model:
+        model.compile()
+        step()  # compilation happens here
+    synchronize(device)
+    with PeakMemory(device) as memory:
+        best = float("inf")
+        for _ in range(args.steps):
+            started = time.perf_counter()
+            step()
+            synchronize(device)
+            best = min(best, time.perf_counter() - started)
+    return args.batch / best, counter.get_total_flops(), memory.peak
+
+
+@torch.no_grad()
+def inference_rate(args, device, features, amp_dtype):
+    model = UNet(features=features).to(device, memory_format=torch.channels_last).eval()
+    x = torch.randn(args.batch, 3, args.height, args.width, device=device).contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp_dtype):
+        model(x)
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            model(x)
+        synchronize(device)
+    return args.batch * args.steps / (time.perf_counter() - started)
+
+
+def epoch_seconds(data_dir, features, extra, folder):
+    """Wall seconds of a whole one-epoch train.py run: start-up, scan, cache, epoch, pictures."""
+    import train
+
+    started = time.perf_counter()
+    train.main([f"--DATA_DIR={data_dir}", f"--CHECKPOINT_DIR={folder}/checkpoints", f"--SAVED_IMAGES={folder}/images",
+                "--NUM_EPOCHS=1", "--DEMO=false", f"--FEATURES={','.join(map(str, features))}", *extra])
+    return time.perf_counter() - started
+
+
+def epoch_rows(data_dir, features):
+    """One train.py epoch before (mixed precision as issue 2 asked, but NCHW and full decoding every
+    epoch) and after (channels-last, reduced decoding, cache, compile), on the same folder."""
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        full_decode = data.reduced_decode_flag
+        data.reduced_decode_flag = lambda *args: data.cv2.IMREAD_COLOR
+        try:
+            before = epoch_seconds(data_dir, features, ["--CHANNELS_LAST=false", "--CACHE_DIR="], f"{folder}/before")
+        finally:
+            data.reduced_decode_flag = full_decode
+        cache = f"--CACHE_DIR={folder}/cache"
+        runs = [("before: NCHW, full decode every epoch", before),
+                ("after, first run (builds the cache)", epoch_seconds(data_dir, features, [cache], f"{folder}/1")),
+                ("after, cache ready", epoch_seconds(data_dir, features, [cache], f"{folder}/2")),
+                ("after, cache ready, COMPILE=true", epoch_seconds(data_dir, features, [cache, "--COMPILE=true"],
+                                                                   f"{folder}/3"))]
+        rows += [(f"train.py 1-epoch run, {name}", f"{seconds:.0f} s", f"{before / seconds:.2f}x")
+                 for name, seconds in runs]
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    device = get_device(args.device)
+    features = tuple(int(f) for f in args.features.split(","))
+    size = (args.height, args.width)
+    fast_dtype = autocast_dtype(device)
+    rows = []
+
+    with tempfile.TemporaryDirectory() as folder:
+        if args.data:
+            splits = data.find_splits(args.data)
+            samples = data.scan_pairs(*splits["train"])[0][: args.images]
+        else:
+            data.make_synthetic(folder, cars=-(-args.images // 16), angles=min(16, args.images), progress=False)
+            samples = data.scan_pairs(Path(folder) / "train", Path(folder) / "train_masks")[0][: args.images]
+        rates = data_rates(samples, size, max(len(samples), 48))
+    base = rates["full decode + resize"]
+    source = f"{samples[0].width}x{samples[0].height} {'files of ' + args.data if args.data else 'synthetic'}"
+    for name, rate in rates.items():
+        rows.append((f"data {name} ({source})", f"{rate:.1f} img/s",
+                     "" if name.startswith("cache build") else f"{rate / base:.2f}x"))
+
+    ceilings = {torch.float32: matmul_ceiling(device, torch.float32)}
+    if fast_dtype is not None:
+        ceilings[fast_dtype] = matmul_ceiling(device, fast_dtype)
+    paths = [("float32, NCHW", None, False, False), (f"{fast_dtype or 'float32'} autocast, channels-last", fast_dtype,
+                                                     True, False)]
+    if not args.no_compile:
+        paths.append((f"{fast_dtype or 'float32'} autocast, channels-last, compiled", fast_dtype, True, True))
+    base = None
+    for name, dtype, channels_last, compile_model in paths:
+        rate, flops, peak = training_rate(args, device, features, dtype, channels_last, compile_model)
+        base = base or rate
+        share = flops * rate / args.batch / ceilings[dtype or torch.float32]
+        rows.append((f"train {name}", f"{rate:.2f} img/s", f"{rate / base:.2f}x"))
+        rows.append((f"  FLOP rate, share of {dtype or torch.float32} matmul ceiling",
+                     f"{flops * rate / args.batch / 1e9:.0f} GFLOP/s", f"{100 * share:.0f}%"))
+        rows.append(("  peak memory", f"{peak / 2**30:.2f} GiB", ""))
+    for dtype, ceiling in ceilings.items():
+        rows.append((f"matmul ceiling {dtype} (4096^3)", f"{ceiling / 1e9:.0f} GFLOP/s", ""))
+    rows.append((f"inference {fast_dtype or 'float32'} autocast, channels-last",
+                 f"{inference_rate(args, device, features, fast_dtype):.1f} img/s", ""))
+    if args.epoch:
+        rows += epoch_rows(args.epoch, features)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}, {torch.get_num_threads()} threads"
+    print(f"\n{name}; torch {torch.__version__}; {args.height}x{args.width}, batch {args.batch}, "
+          f"UNet{features}")
+    print("| measurement | value | ratio |\n|---|---|---|")
+    for row in rows:
+        print(f"| {' | '.join(row)} |")
+
+
+if __name__ == "__main__":
+    main()
