@@ -141,6 +141,9 @@ def save_checkpoint(state, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(handle, 0o666 & ~umask)  # mkstemp's 0600 would hide checkpoints from other users
     try:
         with os.fdopen(handle, "wb") as stream:
             torch.save(state, stream)
