@@ -178,6 +178,18 @@ def read_truth(image_path, mask_dir):
         return None
 
 
+def write_outputs(path, image, mask, probability, args, submission, scores):
+    """Everything asked for one image: mask and overlay files, a submission row, its scores."""
+    if not args.no_images:
+        output = Path(args.output)
+        cv2.imwrite(str(output / f"{path.stem}_mask.png"), mask.astype(np.uint8) * 255)
+        cv2.imwrite(str(output / f"{path.stem}_overlay.jpg"), cv2.cvtColor(overlay(image, mask), cv2.COLOR_RGB2BGR))
+    if submission:
+        submission.add(path.name, mask)
+    if scores:
+        scores.add(path, image, probability, mask, read_truth(path, args.masks))
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     device = get_device(args.device)
@@ -206,29 +218,28 @@ def main(argv=None):
     loader = DataLoader(ImageFiles(paths, state["image_size"], keep_image), batch_size=args.batch_size,
                         num_workers=args.workers, collate_fn=as_list)
     predicted = 0
-    with tqdm(total=len(paths), desc="predicting", unit="img") as progress:
-        for batch in loader:
-            for path, problem, x, _ in batch:
-                if x is None:
-                    progress.write(f"warning: skipping {path}: {problem}", file=sys.stderr)
-            good = [item for item in batch if item[2] is not None]
-            if good:
-                x = torch.stack([item[2] for item in good])
-                for (path, size, _, image), probability in zip(good, probabilities(
-                        model, x, [item[1] for item in good], device, amp_dtype, args.tta)):
-                    mask = probability > threshold
-                    if not args.no_images:
-                        cv2.imwrite(str(output / f"{path.stem}_mask.png"), mask.astype(np.uint8) * 255)
-                        cv2.imwrite(str(output / f"{path.stem}_overlay.jpg"),
-                                    cv2.cvtColor(overlay(image, mask), cv2.COLOR_RGB2BGR))
-                    if submission:
-                        submission.add(path.name, mask)
-                    if scores:
-                        scores.add(path, image, probability, mask, read_truth(path, args.masks))
-                    predicted += 1
-            progress.update(len(batch))
-    if submission:
-        submission.close()
+    try:
+        with tqdm(total=len(paths), desc="predicting", unit="img") as progress:
+            for batch in loader:
+                for path, problem, x, _ in batch:
+                    if x is None:
+                        progress.write(f"warning: skipping {path}: {problem}", file=sys.stderr)
+                good = [item for item in batch if item[2] is not None]
+                if good:
+                    x = torch.stack([item[2] for item in good])
+                    sizes = [item[1] for item in good]
+                    for (path, _, _, image), probability in zip(good, probabilities(model, x, sizes, device,
+                                                                                    amp_dtype, args.tta)):
+                        write_outputs(path, image, probability > threshold, probability, args, submission, scores)
+                        predicted += 1
+                progress.update(len(batch))
+    except KeyboardInterrupt:
+        resume = f"; the same command with --resume finishes {args.submission}" if submission else ""
+        print(f"\ninterrupted after {predicted} images{resume}", file=sys.stderr)
+        return 130
+    finally:
+        if submission:
+            submission.close()
 
     if predicted == 0 and not (submission and submission.done):
         print("error: no image could be predicted", file=sys.stderr)

@@ -32,7 +32,10 @@ def seed_everything(seed):
 def autocast_dtype(device):
     """The mixed-precision type this device runs fastest with quality kept, or None."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Native bfloat16 starts at compute capability 8.0; older GPUs such as Colab's T4 (7.5) only
+        # emulate it, slowly, and is_bf16_supported() counts emulation: float16 with loss scaling there.
+        native = torch.version.hip or torch.cuda.get_device_capability(device)[0] >= 8
+        return torch.bfloat16 if native else torch.float16
     if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.bfloat16
     return None

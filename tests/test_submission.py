@@ -136,3 +136,22 @@ def test_training_writes_history_curves_and_gallery(trained):
             assert picture.format == "PNG" and picture.size[0] >= 800
     listed = (tmp / "checkpoints" / "val_files.txt").read_text().split()
     assert listed and all(path.endswith(".jpg") for path in listed)
+
+
+def test_ctrl_c_keeps_the_rows_written_and_says_how_to_finish(trained, synthetic_root, tmp_path, monkeypatch, capsys):
+    real = predict.write_outputs
+    calls = []
+
+    def interrupted_on_the_fifth(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(predict, "write_outputs", interrupted_on_the_fifth)
+    assert run_submission(trained, synthetic_root / "train", tmp_path, "--no-images") == 130
+    assert "interrupted after 4 images; the same command with --resume finishes" in capsys.readouterr().err
+    assert len(read_rows(tmp_path / "sub.csv")) == 1 + 4
+    monkeypatch.undo()
+    assert run_submission(trained, synthetic_root / "train", tmp_path, "--no-images", "--resume") == 0
+    assert len({name for name, _ in read_rows(tmp_path / "sub.csv")[1:]}) == 16

@@ -102,6 +102,15 @@ def test_device_and_mixed_precision_choice():
     assert dtype in (None, torch.bfloat16)
 
 
+@pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                               ((9, 0), torch.bfloat16)])
+def test_cuda_mixed_precision_follows_native_support(monkeypatch, capability, dtype):
+    """A T4 (7.5) emulates bfloat16 slowly: it gets float16 (with a GradScaler in train.py)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert utils.autocast_dtype(torch.device("cuda")) == dtype
+
+
 def test_seed_everything_repeats_random_draws():
     utils.seed_everything(7)
     first = (np.random.rand(), torch.rand(1).item())
