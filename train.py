@@ -93,7 +93,8 @@ def parse_settings(argv):
         if argument in ("-h", "--help"):
             print(__doc__)
             for name, value in config.items():
-                print(f"  --{name}={value}")
+                shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+                print(f"  --{name}={shown}")
             raise SystemExit(0)
         name, equals, text = argument.removeprefix("--").partition("=")
         if not argument.startswith("--") or not equals:
