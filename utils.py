@@ -156,6 +156,8 @@ def save_checkpoint(state, path):
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):  # from saves killed outright (SIGKILL)
+        leftover.unlink(missing_ok=True)
 
 
 class CheckpointError(Exception):

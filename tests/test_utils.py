@@ -77,6 +77,13 @@ def test_a_save_that_dies_midway_leaves_the_old_checkpoint_loadable(tmp_path, mo
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temporary file left behind
 
 
+def test_leftovers_of_killed_saves_are_cleared_by_the_next_save(tmp_path):
+    (tmp_path / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / ".best.pt.def456.tmp").write_bytes(b"another file's")
+    save_checkpoint(small_state(), tmp_path / "last.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".best.pt.def456.tmp", "last.pt"]
+
+
 @pytest.mark.parametrize("content, reason", [(b"", "not a readable checkpoint"), (b"hello", "not a readable"),
                                              (None, "no such checkpoint")])
 def test_unusable_checkpoints_raise_one_clear_error_naming_the_file(tmp_path, content, reason):
