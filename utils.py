@@ -330,7 +330,10 @@ class WorstImages:
 
         scale = min(1.0, self.width / image.shape[1])
         size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
-        shrink = lambda a, how: cv2.resize(np.ascontiguousarray(a, np.uint8), size, interpolation=how)
+
+        def shrink(picture, interpolation):
+            return cv2.resize(np.ascontiguousarray(picture, np.uint8), size, interpolation=interpolation)
+
         self.items.append((name, dice, shrink(image, cv2.INTER_AREA), shrink(truth, cv2.INTER_NEAREST),
                            shrink(prediction, cv2.INTER_NEAREST)))
         self.items = sorted(self.items, key=lambda item: item[1])[: self.count]
