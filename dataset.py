@@ -102,12 +102,11 @@ def scan_pairs(image_dir, mask_dir):
     return samples, problems
 
 
-def report_problems(problems, out=None):
-    out = out or sys.stderr
+def report_problems(problems):
     if problems:
-        print(f"Skipping {len(problems)} file(s) that cannot be used:", file=out)
+        print(f"Skipping {len(problems)} file(s) that cannot be used:", file=sys.stderr)
         for path, reason in problems:
-            print(f"  {path}: {reason}", file=out)
+            print(f"  {path}: {reason}", file=sys.stderr)
 
 
 def find_splits(data_dir):
