@@ -15,6 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dataset as data
+import synthetic
 from model import UNet
 from utils import autocast, autocast_dtype, get_device, segmentation_loss
 
@@ -195,7 +196,7 @@ def main(argv=None):
             splits = data.find_splits(args.data)
             samples = data.scan_pairs(*splits["train"])[0][: args.images]
         else:
-            data.make_synthetic(folder, cars=-(-args.images // 16), angles=min(16, args.images), progress=False)
+            synthetic.make_synthetic(folder, cars=-(-args.images // 16), angles=min(16, args.images), progress=False)
             samples = data.scan_pairs(Path(folder) / "train", Path(folder) / "train_masks")[0][: args.images]
         rates = data_rates(samples, size, max(len(samples), 48))
     base = rates["full decode + resize"]

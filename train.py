@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import dataset as data
+import synthetic
 from model import UNet
 from utils import (
     CheckpointError,
@@ -132,7 +133,7 @@ def prepare_data(config, given, rank=0):
     if rank == 0 and (marker.read_text() if marker.is_file() else "") != repr(DEMO_DATA):
         say(f"Generating {DEMO_DATA['cars'] * 16} synthetic images ({DEMO_DATA['size'][0]}x"
               f"{DEMO_DATA['size'][1]}) under {root}/ ...")
-        data.make_synthetic(root, **DEMO_DATA)
+        synthetic.make_synthetic(root, **DEMO_DATA)
         marker.write_text(repr(DEMO_DATA))
     if dist.is_initialized():
         dist.barrier()  # the other processes wait for rank 0's files

@@ -6,7 +6,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import dataset
+import synthetic
 import train
 
 REAL_SAMPLES = ROOT.parent / "shared" / "carvana_samples"
@@ -24,7 +24,7 @@ def tiny_args(tmp, data_dir, epochs=1, *extra):
 def synthetic_root(tmp_path_factory):
     """4 cars x 4 angles in Carvana's layout and formats, at 192x128."""
     root = tmp_path_factory.mktemp("synthetic")
-    dataset.make_synthetic(root, cars=4, angles=4, size=(192, 128), progress=False)
+    synthetic.make_synthetic(root, cars=4, angles=4, size=(192, 128), progress=False)
     return root
 
 

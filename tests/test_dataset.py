@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import dataset as data
+import synthetic
 
 
 def copy_set(source, target):
@@ -34,11 +35,11 @@ def car_width(mask):
 
 
 def test_synthetic_cars_keep_their_looks_and_change_with_the_angle():
-    first, again = (data.synthetic_pair(np.random.default_rng([0, 1]), np.random.default_rng(scene), 3, 192, 128)
+    first, again = (synthetic.synthetic_pair(np.random.default_rng([0, 1]), np.random.default_rng(scene), 3, 192, 128)
                     for scene in (1, 2))
     assert not np.array_equal(first[0], again[0])  # another photo: the scene differs
     assert abs(car_width(first[1]) - car_width(again[1])) <= 1  # the same car: the same length
-    side, front = (data.synthetic_pair(np.random.default_rng(5), np.random.default_rng(6), angle, 192, 128)[1]
+    side, front = (synthetic.synthetic_pair(np.random.default_rng(5), np.random.default_rng(6), angle, 192, 128)[1]
                    for angle in (5, 1))
     assert car_width(side) > car_width(front) * 1.3  # longer seen from the side than from the front
 
@@ -88,7 +89,7 @@ def test_masks_become_zero_one_in_every_storage_format(tmp_path, suffix, noise):
     truth[10:30, 15:45] = 1
     path = tmp_path / f"m{suffix}"
     if suffix == ".gif":
-        data.save_gif_mask(truth, path)
+        synthetic.save_gif_mask(truth, path)
     else:
         cv2.imwrite(str(path), truth * 255, [cv2.IMWRITE_JPEG_QUALITY, 60])
     mask = data.read_mask(path)
@@ -118,7 +119,7 @@ def seed_bad_files(root):
     (masks / f"{names[3]}_mask.gif").unlink()  # image without mask
     shutil.copy(masks / f"{names[4]}_mask.gif", masks / "0123456789ab_01_mask.gif")  # mask without image
     small = np.zeros((10, 10), np.uint8)
-    data.save_gif_mask(small, masks / f"{names[5]}_mask.gif")  # wrong size
+    synthetic.save_gif_mask(small, masks / f"{names[5]}_mask.gif")  # wrong size
     (images / ".DS_Store").write_bytes(b"\x00\x01")
     (images / "._hidden.jpg").write_bytes(b"junk")
     (images / "extra_folder").mkdir()

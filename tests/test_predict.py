@@ -4,8 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
-import dataset as data
 import predict
+import synthetic
 from utils import dice_numpy
 
 
@@ -13,7 +13,7 @@ from utils import dice_numpy
 def full_size_set(tmp_path_factory):
     """Two synthetic cars at Carvana's full 1918x1280."""
     root = tmp_path_factory.mktemp("full")
-    data.make_synthetic(root, cars=1, angles=2, size=(1918, 1280), progress=False)
+    synthetic.make_synthetic(root, cars=1, angles=2, size=(1918, 1280), progress=False)
     return root
 
 
