@@ -6,6 +6,7 @@ python bench.py --epoch DIR    # also: one train.py epoch on DIR before and afte
 Ratios are only meaningful between rows of the same run on the same machine.
 """
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -68,23 +69,36 @@ class PeakMemory:
             self.peak = 1024 * (kib[0] if kib else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
+@contextlib.contextmanager
+def full_decoding():
+    """Every JPEG decoded at full size, as before reduced decoding."""
+    reduced = data.reduced_decode_flag
+    data.reduced_decode_flag = lambda *args: data.cv2.IMREAD_COLOR
+    try:
+        yield
+    finally:
+        data.reduced_decode_flag = reduced
+
+
 def data_rates(samples, size, count):
     """Images/s through CarvanaDataset (training transform included) in one process."""
     rates = {}
-    transform = data.train_transform(*size)
+    transform = data.train_transform()
     with tempfile.TemporaryDirectory() as folder:
         cache = data.ResizedCache(folder, "bench", samples, size)
         started = time.perf_counter()
         cache.build()
         rates["cache build (once)"] = len(samples) / (time.perf_counter() - started)
-        modes = {"full decode + resize": {}, "reduced JPEG decode": {"decode_size": size}, "cache": {"cache": cache}}
-        for name, options in modes.items():
-            dataset = data.CarvanaDataset(samples, transform, **options)
-            dataset[0]
-            started = time.perf_counter()
-            for index in range(count):
-                dataset[index % len(dataset)]
-            rates[name] = count / (time.perf_counter() - started)
+        modes = {"full decode + resize": (full_decoding, None), "reduced JPEG decode": (contextlib.nullcontext, None),
+                 "cache": (contextlib.nullcontext, cache)}
+        for name, (context, source) in modes.items():
+            dataset = data.CarvanaDataset(samples, transform, size, source)
+            with context():
+                dataset[0]
+                started = time.perf_counter()
+                for index in range(count):
+                    dataset[index % len(dataset)]
+                rates[name] = count / (time.perf_counter() - started)
     return rates
 
 
@@ -166,12 +180,8 @@ def epoch_rows(data_dir, features):
     epoch) and after (channels-last, reduced decoding, cache, compile), on the same folder."""
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        full_decode = data.reduced_decode_flag
-        data.reduced_decode_flag = lambda *args: data.cv2.IMREAD_COLOR
-        try:
+        with full_decoding():
             before = epoch_seconds(data_dir, features, ["--CHANNELS_LAST=false", "--CACHE_DIR="], f"{folder}/before")
-        finally:
-            data.reduced_decode_flag = full_decode
         cache = f"--CACHE_DIR={folder}/cache"
         runs = [("before: NCHW, full decode every epoch", before),
                 ("after, first run (builds the cache)", epoch_seconds(data_dir, features, [cache], f"{folder}/1")),

@@ -59,6 +59,12 @@ def image_problem(path):
         return f"unreadable ({error})", None
 
 
+def image_size(path):
+    """(width, height) of an image file as the decoder will return it."""
+    with Image.open(path) as image:
+        return image.size
+
+
 def mask_stem(path):
     """Image stem a mask belongs to: `abc_01_mask.gif` -> `abc_01`."""
     stem = path.stem
@@ -177,9 +183,9 @@ def read_mask(path):
     return (grey > (0 if grey.max() <= 1 else 127)).astype(np.uint8)
 
 
-def train_transform(height, width):
+def train_transform():
+    """Augmentations of (image, mask) pairs already at the training size."""
     return A.Compose([
-        A.Resize(height, width, area_for_downscale="image"),
         A.Rotate(limit=35, border_mode=cv2.BORDER_CONSTANT, p=1.0),
         A.HorizontalFlip(p=0.5),
         A.VerticalFlip(p=0.1),
@@ -187,11 +193,8 @@ def train_transform(height, width):
     ])
 
 
-def val_transform(height, width):
-    return A.Compose([
-        A.Resize(height, width, area_for_downscale="image"),
-        A.Normalize(mean=0.0, std=1.0, max_pixel_value=255.0),
-    ])
+def val_transform():
+    return A.Compose([A.Normalize(mean=0.0, std=1.0, max_pixel_value=255.0)])
 
 
 def to_tensor(image):
@@ -199,22 +202,40 @@ def to_tensor(image):
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
-def load_pair(sample, decode_size=None):
-    """(RGB image, {0,1} mask) of a sample; with decode_size, JPEGs are decoded at reduced size."""
-    image = read_image(sample.image, reduced_decode_flag(sample.width, sample.height, decode_size))
-    mask = read_mask(sample.mask)
-    if image.shape[:2] != mask.shape:
-        mask = cv2.resize(mask, image.shape[1::-1], interpolation=cv2.INTER_NEAREST)
-    return image, mask
+def load_pair(sample):
+    """(RGB image, {0,1} mask) of a sample at the file's own size."""
+    return read_image(sample.image), read_mask(sample.mask)
 
 
-def resize_pair(image, mask, size):
-    """Both to (height, width) as the transforms' Resize does it: area for images, nearest for masks."""
+def shrink_image(image, size):
+    """An image at (height, width) by area averaging: no aliasing, and centred like the photo."""
     height, width = size
     if image.shape[:2] == (height, width):
-        return image, mask
-    return (cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA),
-            cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST))
+        return image
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def shrink_mask(mask, size):
+    """A {0,1} mask at (height, width) as uint8 0..255: each pixel's share of car. Area averaging
+    keeps the target centred on its photo (nearest-neighbour sampling shifts it by half a pixel)
+    and keeps the edge's sub-pixel position, which upsampled predictions then recover."""
+    return shrink_image(np.asarray(mask, np.uint8) * np.uint8(255), size)
+
+
+def load_image(path, size=None, stored_size=None):
+    """A photo as RGB uint8, shrunk to size (height, width) when given; JPEGs are decoded at the
+    largest DCT-domain reduction that still covers the size (stored_size: its (width, height))."""
+    if size is None:
+        return read_image(path)
+    if stored_size is None:
+        stored_size = image_size(path)
+    return shrink_image(read_image(path, reduced_decode_flag(*stored_size, size)), size)
+
+
+def load_training_pair(sample, size):
+    """(RGB uint8 image, uint8 0..255 car share) of a sample at size (height, width)."""
+    image = load_image(sample.image, size, (sample.width, sample.height))
+    return image, shrink_mask(read_mask(sample.mask), size)
 
 
 class ResizedCache:
@@ -222,7 +243,7 @@ class ResizedCache:
     .npy files that every loader worker memory-maps. The file names carry a key made from the
     size and each source file's path, byte size and modification time: any change rebuilds."""
 
-    VERSION = 1
+    VERSION = 2  # 2: masks stored as area-averaged car shares, not nearest-neighbour samples
 
     def __init__(self, folder, name, samples, size):
         self.samples, self.size = list(samples), tuple(size)
@@ -247,7 +268,7 @@ class ResizedCache:
     def build(self, workers=0):
         """Decode every sample once (in `workers` processes), with a progress bar."""
         from numpy.lib.format import open_memmap
-        from tqdm import tqdm
+        from tqdm.auto import tqdm
 
         self.folder.mkdir(parents=True, exist_ok=True)
         count, (height, width) = len(self.samples), self.size
@@ -293,20 +314,21 @@ class _Decoded(Dataset):
 
     def __getitem__(self, row):
         try:
-            return (row, *resize_pair(*load_pair(self.samples[row], self.size), self.size), None)
+            return (row, *load_training_pair(self.samples[row], self.size), None)
         except (OSError, ValueError, cv2.error) as error:
             return row, None, None, str(error)
 
 
 class CarvanaDataset(Dataset):
-    """Image/mask pairs through a transform. A file that fails to decode is reported once and
-    replaced by the next sample, so a bad file found mid-epoch never stops training.
-    decode_size (height, width) allows reduced JPEG decoding; a ResizedCache skips decoding."""
+    """Image/mask pairs at size (height, width), then through a transform: (image tensor in [0,1],
+    mask tensor of car shares in [0,1]). A file that fails to decode is reported once and replaced
+    by the next sample, so a bad file found mid-epoch never stops training. A ResizedCache skips
+    decoding."""
 
-    def __init__(self, samples, transform, decode_size=None, cache=None):
+    def __init__(self, samples, transform, size, cache=None):
         self.samples = list(samples)
         self.transform = transform
-        self.decode_size = decode_size
+        self.size = tuple(size)
         self.cache = cache
         self.failed = set()
 
@@ -316,7 +338,7 @@ class CarvanaDataset(Dataset):
     def load(self, index):
         if self.cache is not None:
             return self.cache.get(self.samples[index])
-        return load_pair(self.samples[index], self.decode_size)
+        return load_training_pair(self.samples[index], self.size)
 
     def __getitem__(self, index):
         for attempt in range(len(self.samples)):
@@ -332,7 +354,7 @@ class CarvanaDataset(Dataset):
         else:
             raise RuntimeError("no sample in this dataset can be decoded")
         out = self.transform(image=image, mask=mask)
-        return to_tensor(out["image"]), torch.from_numpy(out["mask"]).float().unsqueeze(0)
+        return to_tensor(out["image"]), torch.from_numpy(out["mask"]).float().div_(255).unsqueeze(0)
 
 
 def seed_worker(worker_id):

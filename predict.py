@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 import dataset as data
 from utils import (
@@ -74,7 +74,8 @@ class ImageFiles(Dataset):
     An unreadable file comes back as its reason instead of an image."""
 
     def __init__(self, paths, image_size, keep_image):
-        self.paths, self.transform, self.keep_image = paths, data.val_transform(*image_size), keep_image
+        self.paths, self.size, self.keep_image = paths, tuple(image_size), keep_image
+        self.transform = data.val_transform()
 
     def __len__(self):
         return len(self.paths)
@@ -88,7 +89,7 @@ class ImageFiles(Dataset):
             image = data.read_image(path)
         except ValueError:
             return path, "cannot decode image", None, None
-        x = data.to_tensor(self.transform(image=image)["image"])
+        x = data.to_tensor(self.transform(image=data.shrink_image(image, self.size))["image"])
         return path, image.shape[:2], x, image if self.keep_image else None
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 import dataset as data
 import synthetic
@@ -330,14 +330,14 @@ def run(config, given, rank, world_size, device):
     trained = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
 
     builder = int(os.environ.get("LOCAL_RANK", "0")) == 0  # node-local cache folders work too
-    train_set = data.CarvanaDataset(train_samples, data.train_transform(height, width), (height, width),
+    train_set = data.CarvanaDataset(train_samples, data.train_transform(), (height, width),
                                     make_cache(train_samples, "train", config, builder))
     # drop_last: no sample is padded in twice, so the processes' shares never overlap.
     sampler = DistributedSampler(train_set, seed=config["SEED"], drop_last=True) if world_size > 1 else None
     train_loader = make_loader(train_set, config, device, config["SEED"] + rank, shuffle=True, sampler=sampler)
     # Each process scores every world_size-th validation image; check_accuracy adds up the sums.
     val_cache = make_cache(val_samples, "val", config, builder)
-    val_set = data.CarvanaDataset(val_samples[rank::world_size], data.val_transform(height, width), (height, width),
+    val_set = data.CarvanaDataset(val_samples[rank::world_size], data.val_transform(), (height, width),
                                   val_cache)
     val_loader = make_loader(val_set, config, device, config["SEED"])
     total_steps = config["NUM_EPOCHS"] * len(train_loader)
@@ -371,7 +371,7 @@ def run(config, given, rank, world_size, device):
                          checkpoint_state(model, optimizer, scaler, epoch + 1, best_dice, config), improved)
 
     if rank == 0:
-        full_val = data.CarvanaDataset(val_samples, data.val_transform(height, width), (height, width), val_cache)
+        full_val = data.CarvanaDataset(val_samples, data.val_transform(), (height, width), val_cache)
         written = save_predictions_as_imgs(full_val, model, config["SAVED_IMAGES"], device,
                                            threshold=config["THRESHOLD"], amp_dtype=amp_dtype)
         worst = WorstImages()

@@ -19,11 +19,11 @@ def test_cached_samples_equal_decoded_ones_and_augment_differently(synthetic_roo
     assert not cache.ready()
     cache.build()
     assert cache.ready() and sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in cache.paths.values())
-    cached = data.CarvanaDataset(samples, data.val_transform(32, 48), cache=cache)
-    decoded = data.CarvanaDataset(samples, data.val_transform(32, 48), decode_size=(32, 48))
+    cached = data.CarvanaDataset(samples, data.val_transform(), (32, 48), cache=cache)
+    decoded = data.CarvanaDataset(samples, data.val_transform(), (32, 48))
     for index in (0, 7, 15):
         assert all(torch.equal(a, b) for a, b in zip(cached[index], decoded[index]))
-    augmented = data.CarvanaDataset(samples, data.train_transform(32, 48), cache=cache)
+    augmented = data.CarvanaDataset(samples, data.train_transform(), (32, 48), cache=cache)
     assert len({augmented[2][0].sum().item() for _ in range(5)}) > 1
 
 
@@ -50,7 +50,7 @@ def test_file_that_fails_while_caching_is_skipped_everywhere(synthetic_root, tmp
     cache = data.ResizedCache(tmp_path / "cache", "train", samples, (32, 48))
     cache.build()
     assert samples[0].image.name in capsys.readouterr().err
-    dataset = data.CarvanaDataset(samples, data.val_transform(32, 48), cache=cache)
+    dataset = data.CarvanaDataset(samples, data.val_transform(), (32, 48), cache=cache)
     assert torch.equal(dataset[0][0], dataset[1][0])  # replaced by the next sample
 
 

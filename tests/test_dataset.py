@@ -148,7 +148,7 @@ def test_every_kind_of_bad_file_is_skipped_and_named_once(tmp_path, synthetic_ro
 def test_a_file_that_fails_mid_epoch_is_replaced_not_fatal(tmp_path, synthetic_root, capsys):
     root = copy_set(synthetic_root, tmp_path / "data")
     samples, _ = data.scan_pairs(root / "train", root / "train_masks")
-    dataset = data.CarvanaDataset(samples, data.val_transform(32, 48))
+    dataset = data.CarvanaDataset(samples, data.val_transform(), (32, 48))
     samples[0].image.write_bytes(b"\xff\xd8" + b"\x00" * 500 + b"\xff\xd9")  # broken after the check
     x, y = dataset[0]
     assert x.shape == (3, 32, 48) and y.shape == (1, 32, 48)
@@ -158,19 +158,19 @@ def test_a_file_that_fails_mid_epoch_is_replaced_not_fatal(tmp_path, synthetic_r
     assert capsys.readouterr().err == ""  # said once
 
 
-def test_transforms_give_normalised_tensors_and_binary_masks(synthetic_root):
+def test_transforms_give_normalised_tensors_and_car_share_masks(synthetic_root):
     samples, _ = data.scan_pairs(synthetic_root / "train", synthetic_root / "train_masks")
-    dataset = data.CarvanaDataset(samples, data.train_transform(32, 48), decode_size=(32, 48))
+    dataset = data.CarvanaDataset(samples, data.train_transform(), (32, 48))
     x, y = dataset[3]
     assert x.dtype == torch.float32 and x.shape == (3, 32, 48) and 0 <= x.min() and x.max() <= 1
-    assert set(y.unique().tolist()) <= {0.0, 1.0} and y.sum() > 0
+    assert 0 <= y.min() and y.max() <= 1 and (y == 1).sum() > 0 and (y == 0).sum() > 0  # car shares
     augmented = {dataset[3][1].sum().item() for _ in range(6)}
     assert len(augmented) > 1  # random rotation and flips
 
 
 def test_loader_workers_draw_different_augmentations(synthetic_root):
     samples, _ = data.scan_pairs(synthetic_root / "train", synthetic_root / "train_masks")
-    dataset = data.CarvanaDataset([samples[0]] * 4, data.train_transform(32, 48))
+    dataset = data.CarvanaDataset([samples[0]] * 4, data.train_transform(), (32, 48))
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=data.seed_worker)
     images = [x for x, _ in loader]  # workers alternate: 0, 1, 0, 1
     assert not torch.equal(images[0], images[1])  # images, not masks: masks are too coarse to always differ

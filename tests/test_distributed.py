@@ -63,7 +63,7 @@ def test_printed_scores_are_the_whole_validation_set_scores(two_process_run):
     samples, _ = data.scan_pairs(Path(config["DATA_DIR"]) / "train", Path(config["DATA_DIR"]) / "train_masks")
     _, val = data.split_by_car(samples, config["VAL_FRACTION"], config["SEED"])
     assert len(val) == 4  # 1 of 4 cars: each process scored 2 of its images
-    loader = torch.utils.data.DataLoader(data.CarvanaDataset(val, data.val_transform(*state["image_size"])),
+    loader = torch.utils.data.DataLoader(data.CarvanaDataset(val, data.val_transform(), state["image_size"]),
                                          batch_size=3)
     single = check_accuracy(loader, model_from_checkpoint(state), torch.device("cpu"), loss_fn=segmentation_loss)
     assert single["images"] == 4

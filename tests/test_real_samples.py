@@ -30,7 +30,7 @@ def test_real_images_through_the_training_pipeline():
     samples, _ = data.scan_pairs(REAL_SAMPLES / "train", REAL_SAMPLES / "train_masks")
     train, val = data.split_by_car(samples, 0.25, seed=42)
     assert len(val) == 4 and len({data.car_id(s.image) for s in val}) == 1
-    dataset = data.CarvanaDataset(train, data.train_transform(160, 240), decode_size=(160, 240))
+    dataset = data.CarvanaDataset(train, data.train_transform(), (160, 240))
     x, y = dataset[0]
     assert x.shape == (3, 160, 240) and y.shape == (1, 160, 240) and 0.03 < y.mean() < 0.6
 
