@@ -340,7 +340,11 @@ class CarvanaDataset(Dataset):
             return self.cache.get(self.samples[index])
         return load_training_pair(self.samples[index], self.size)
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        """key: an index, or (index, seed) to draw this item's augmentation from its own seed."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is not None:
+            self.transform.set_random_seed(seed)
         for attempt in range(len(self.samples)):
             current = (index + attempt) % len(self.samples)
             if current in self.failed:
@@ -355,11 +359,3 @@ class CarvanaDataset(Dataset):
             raise RuntimeError("no sample in this dataset can be decoded")
         out = self.transform(image=image, mask=mask)
         return to_tensor(out["image"]), torch.from_numpy(out["mask"]).float().div_(255).unsqueeze(0)
-
-
-def seed_worker(worker_id):
-    """Albumentations keeps its own random state; give each loader worker a different one."""
-    info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None)
-    if transform is not None:
-        transform.set_random_seed(info.seed % 2**32)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
@@ -20,10 +21,13 @@ import synthetic
 from model import UNet
 from utils import (
     CheckpointError,
+    WeightAverage,
     WorstImages,
+    all_finite,
     autocast,
     autocast_dtype,
     check_accuracy,
+    clean_state_dict,
     get_device,
     load_checkpoint,
     save_checkpoint,
@@ -42,15 +46,17 @@ IMAGE_WIDTH = 240                 # pixels the model sees; Carvana's photos are 
 BATCH_SIZE = 16                   # images per optimizer step
 NUM_EPOCHS = 5                    # passes over the training images (a resumed run stops at the same total)
 LEARNING_RATE = 1e-4              # Adam's peak rate; cosine decay to 1% of it over the run
-NUM_WORKERS = 2                   # loader processes; 0 loads in the training process
+NUM_WORKERS = "auto"              # loader processes: "auto" (none on a CPU once the cache is built, enough to feed a GPU), or 0, 1, 2, ...
 PIN_MEMORY = True                 # page-locked batches: faster copies to a CUDA GPU (ignored elsewhere)
 LOAD_MODEL = False                # True: resume from CHECKPOINT_DIR/last.pt (model, optimizer, epoch, best Dice)
 DEVICE = "auto"                   # "auto" (cuda, then mps, then cpu), or "cuda", "cuda:1", "mps", "cpu"
 AMP = True                        # mixed precision: bfloat16/float16 on CUDA, bfloat16 on CPUs that support it
+AMP_DTYPE = "auto"                # "auto" (as above), "float16" (with loss scaling, as on a T4) or "bfloat16"
 SEED = 42                         # one seed for Python, NumPy, torch, augmentations and the validation split
 VAL_FRACTION = 0.2                # share of cars held out for validation when there is no val_images/ folder
 FEATURES = (64, 128, 256, 512)    # UNet channels per level; the bottleneck has twice the last (about 31M parameters)
-THRESHOLD = 0.5                   # probability above which a pixel counts as car
+THRESHOLD = 0.5                   # probability above which a pixel counts as car, between 0 and 1
+EMA_DECAY = 0.99                  # validate and save an average of the weights (0 <= decay < 1; 0: the weights as trained)
 SAVED_IMAGES = "saved_images"     # folder for the prediction pictures written after training
 DEMO = True                       # with no data in DATA_DIR: generate synthetic cars and train with DEMO_SETTINGS
 CHANNELS_LAST = True              # NHWC memory format: faster convolutions with oneDNN and cuDNN tensor cores
@@ -73,6 +79,8 @@ def defaults():
 def convert(name, text, default):
     """A command-line value in the type of the setting's default, or SystemExit saying why."""
     kind = type(default)
+    if name == "NUM_WORKERS":  # "auto" or a count
+        kind = str if text == "auto" else int
     try:
         if kind is bool:
             if text.lower() not in TRUE_WORDS | FALSE_WORDS:
@@ -104,12 +112,45 @@ def parse_settings(argv):
             raise SystemExit(f"error: unknown setting --{name}; known settings: {', '.join(config)}")
         config[name] = convert(name, text, config[name])
         given.add(name)
+    check_settings(config)
+    return config, given
+
+
+def check_settings(config):
+    """Every value in range before anything runs: SystemExit with one line naming the setting."""
+    def fail(message):
+        raise SystemExit(f"error: {message}")
+
     for name in ("IMAGE_HEIGHT", "IMAGE_WIDTH", "BATCH_SIZE", "NUM_EPOCHS"):
         if config[name] < 1:
-            raise SystemExit(f"error: {name} must be at least 1, got {config[name]}")
-    if not 0 < config["VAL_FRACTION"] < 1:
-        raise SystemExit(f"error: VAL_FRACTION must be between 0 and 1, got {config['VAL_FRACTION']}")
-    return config, given
+            fail(f"{name} must be at least 1, got {config[name]}")
+    for name in ("VAL_FRACTION", "THRESHOLD"):
+        if not 0 < config[name] < 1:
+            fail(f"{name} must be between 0 and 1, got {config[name]}")
+    if not 0 <= config["EMA_DECAY"] < 1:
+        fail(f"EMA_DECAY must be at least 0 and below 1, got {config['EMA_DECAY']}")
+    if not config["LEARNING_RATE"] > 0 or not math.isfinite(config["LEARNING_RATE"]):
+        fail(f"LEARNING_RATE must be a positive number, got {config['LEARNING_RATE']}")
+    if not 0 <= config["SEED"] < 2**32:
+        fail(f"SEED must be between 0 and 2**32 - 1, got {config['SEED']}")
+    workers = config["NUM_WORKERS"]
+    if workers != "auto" and (not isinstance(workers, int) or workers < 0):
+        fail(f"NUM_WORKERS must be auto or a count of 0 or more, got {workers!r}")
+    if not config["FEATURES"] or min(config["FEATURES"]) < 1:
+        fail(f"FEATURES must be one or more positive channel counts such as 64,128,256,512, got {config['FEATURES']}")
+    smallest = 2 ** len(config["FEATURES"])
+    if min(config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]) < smallest:
+        fail(f"IMAGE_HEIGHT and IMAGE_WIDTH must be at least {smallest} for a {len(config['FEATURES'])}-level UNet, "
+             f"got {config['IMAGE_HEIGHT']}x{config['IMAGE_WIDTH']}")
+    if config["AMP_DTYPE"] not in ("auto", "float16", "bfloat16"):
+        fail(f"AMP_DTYPE must be auto, float16 or bfloat16, got {config['AMP_DTYPE']!r}")
+    for name in ("DATA_DIR", "CHECKPOINT_DIR", "SAVED_IMAGES"):
+        if not config[name]:
+            fail(f"{name} must name a folder")
+    try:
+        get_device(config["DEVICE"])
+    except ValueError as error:
+        fail(f"DEVICE: {error}")
 
 
 def quiet(*args, **kwargs):
@@ -160,12 +201,47 @@ def load_samples(config, rank=0):
     return train, val
 
 
-def make_loader(dataset, config, device, seed, shuffle=False, sampler=None):
-    dataset.transform.set_random_seed(seed)
-    return DataLoader(dataset, batch_size=config["BATCH_SIZE"], shuffle=shuffle and sampler is None, sampler=sampler,
-                      generator=torch.Generator().manual_seed(seed), num_workers=config["NUM_WORKERS"],
-                      persistent_workers=config["NUM_WORKERS"] > 0,
-                      pin_memory=config["PIN_MEMORY"] and device.type == "cuda", worker_init_fn=data.seed_worker)
+class EpochSampler(torch.utils.data.Sampler):
+    """This process's share of an epoch's shuffled order, each index paired with the seed of its
+    augmentation. Both derive from (SEED, epoch) alone, so a resumed run repeats exactly what the
+    uninterrupted run would have drawn, with or without loader workers."""
+
+    def __init__(self, dataset, seed, rank=0, world_size=1):
+        # drop_last under torchrun: no sample is padded in twice, so the processes' shares never overlap.
+        self.order = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed, drop_last=world_size > 1)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.order.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.order)
+
+    def __iter__(self):
+        seeds = np.random.SeedSequence([self.seed, self.epoch]).generate_state(len(self.order.dataset))
+        return ((index, int(seeds[index])) for index in self.order)
+
+
+def available_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def loader_workers(config, device, cached):
+    """NUM_WORKERS, or for "auto": enough processes to keep a GPU fed; on a CPU none once the cache
+    is built, since loader processes then only take cores from the model."""
+    if config["NUM_WORKERS"] != "auto":
+        return config["NUM_WORKERS"]
+    cores = available_cores()
+    if device.type in ("cuda", "mps"):
+        per_process = cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return max(1, min(8, per_process - 1))
+    return 0 if cached else min(2, cores // 4)
+
+
+def make_loader(dataset, config, device, workers, sampler=None):
+    return DataLoader(dataset, batch_size=config["BATCH_SIZE"], sampler=sampler, num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=config["PIN_MEMORY"] and device.type == "cuda")
 
 
 def make_cache(samples, name, config, builder):
@@ -181,7 +257,7 @@ def make_cache(samples, name, config, builder):
             print(f"warning: {config['CACHE_DIR']} has {free / 2**30:.1f} GiB free, the {name} cache needs "
                   f"{cache.bytes_needed() / 2**30:.1f} GiB: decoding every epoch instead", file=sys.stderr)
         else:
-            cache.build(config["NUM_WORKERS"])
+            cache.build(config["NUM_WORKERS"] if config["NUM_WORKERS"] != "auto" else min(8, available_cores()))
     if dist.is_initialized():
         dist.barrier()  # the machine's other processes wait for its builder
     return cache if cache.ready() else None
@@ -211,7 +287,10 @@ class NonFiniteLoss(Exception):
     pass
 
 
-def train_one_epoch(loader, model, optimizer, scaler, config, device, amp_dtype, epoch, steps_done, total_steps):
+def train_one_epoch(loader, model, optimizer, scaler, average, config, device, amp_dtype, epoch, steps_done,
+                    total_steps):
+    """One pass over the training share; returns the mean loss. `model` may be DDP-wrapped;
+    `average` (a WeightAverage) follows the underlying model after every step."""
     model.train()
     loss_sum, images = 0.0, 0
     distributed = dist.is_initialized()
@@ -233,9 +312,12 @@ def train_one_epoch(loader, model, optimizer, scaler, config, device, amp_dtype,
         if not math.isfinite(value):
             raise NonFiniteLoss(f"loss became {value} at epoch {epoch + 1}, step {step + 1}")
         optimizer.zero_grad(set_to_none=True)
+        # With float16 the scaler skips a step whose gradients overflowed and lowers its scale;
+        # only a non-finite loss (above) stops the run.
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        average.update(getattr(model, "module", model))
         loss_sum += value * x.shape[0]
         images += x.shape[0]
         bar.set_postfix(loss=f"{value:.4f}")
@@ -262,8 +344,11 @@ def write_history(rows, path):
     temporary.replace(path)
 
 
-def checkpoint_state(model, optimizer, scaler, epoch, best_dice, config):
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+def checkpoint_state(model, average, optimizer, scaler, amp_dtype, epoch, best_dice, config):
+    """One dict: `model` holds the averaged weights that were validated (what predict.py uses),
+    `training_model` the weights the optimizer steps (what a resume continues)."""
+    return {"model": average.model.state_dict(), "training_model": model.state_dict(), "average_steps": average.steps,
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "amp_dtype": str(amp_dtype),
             "epoch": epoch, "best_dice": best_dice, "config": config,
             "model_args": {"in_channels": 3, "out_channels": 1, "features": tuple(config["FEATURES"])},
             "image_size": (config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]), "threshold": config["THRESHOLD"]}
@@ -279,14 +364,30 @@ def build_model(config, device, world_size):
     return model
 
 
-def resume(checkpoints, model, optimizer, scaler, device):
+def refuse_to_overwrite(checkpoints):
+    """A fresh run never replaces an earlier run's checkpoints or history."""
+    earlier = [name for name in ("last.pt", "best.pt", "history.csv") if (checkpoints / name).is_file()]
+    if earlier:
+        raise SystemExit(f"error: {checkpoints} holds an earlier run ({', '.join(earlier)}): continue it with "
+                         f"--LOAD_MODEL=true, or start a new run with another --CHECKPOINT_DIR")
+
+
+def resume(checkpoints, model, average, optimizer, scaler, amp_dtype, device, say):
+    """Continue from last.pt: weights, averaged weights, optimizer, loss scale (where it applies)."""
     try:
         state = load_checkpoint(checkpoints / "last.pt", device)
-        model.load_state_dict(state["model"])
-    except (CheckpointError, RuntimeError) as error:
+        model.load_state_dict(clean_state_dict(state.get("training_model", state["model"])))
+        average.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (CheckpointError, RuntimeError, ValueError, KeyError) as error:
         raise SystemExit(f"error: cannot resume (LOAD_MODEL): {str(error).splitlines()[0]}") from None
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    average.steps = state.get("average_steps", 0)
+    saved_dtype = state.get("amp_dtype", str(amp_dtype))
+    if scaler.is_enabled() and state.get("scaler") and saved_dtype == str(amp_dtype):
+        scaler.load_state_dict(state["scaler"])
+    elif saved_dtype != str(amp_dtype):
+        say(f"mixed precision was {saved_dtype}, now {amp_dtype}: continuing"
+            f"{' with a fresh loss scale' if scaler.is_enabled() else ''}")
     return state["epoch"], state["best_dice"]
 
 
@@ -306,7 +407,10 @@ def main(argv=None):
 def run(config, given, rank, world_size, device):
     say = quiet if rank else print
     seed_everything(config["SEED"])
-    amp_dtype = autocast_dtype(device) if config["AMP"] else None
+    amp_dtype = autocast_dtype(device, config["AMP_DTYPE"]) if config["AMP"] else None
+    checkpoints = Path(config["CHECKPOINT_DIR"])
+    if not config["LOAD_MODEL"]:
+        refuse_to_overwrite(checkpoints)
     config = prepare_data(config, given, rank)
     train_samples, val_samples = load_samples(config, rank)
     height, width = config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]
@@ -317,29 +421,29 @@ def run(config, given, rank, world_size, device):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     model = build_model(config, device, world_size)
+    average = WeightAverage(model, config["EMA_DECAY"])
     optimizer = torch.optim.Adam(model.parameters(), lr=config["LEARNING_RATE"])
     # Loss scaling is needed only for float16; bfloat16 has float32's range.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    checkpoints = Path(config["CHECKPOINT_DIR"])
     start_epoch, best_dice = 0, -1.0
     if config["LOAD_MODEL"]:
-        start_epoch, best_dice = resume(checkpoints, model, optimizer, scaler, device)
+        start_epoch, best_dice = resume(checkpoints, model, average, optimizer, scaler, amp_dtype, device, say)
         say(f"resumed from {checkpoints / 'last.pt'}: {start_epoch} epochs done, best Dice {best_dice:.4f}")
     if config["COMPILE"]:
         model.compile()  # in place: parameter names, and so checkpoints, stay as they are
     trained = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
 
     builder = int(os.environ.get("LOCAL_RANK", "0")) == 0  # node-local cache folders work too
-    train_set = data.CarvanaDataset(train_samples, data.train_transform(), (height, width),
-                                    make_cache(train_samples, "train", config, builder))
-    # drop_last: no sample is padded in twice, so the processes' shares never overlap.
-    sampler = DistributedSampler(train_set, seed=config["SEED"], drop_last=True) if world_size > 1 else None
-    train_loader = make_loader(train_set, config, device, config["SEED"] + rank, shuffle=True, sampler=sampler)
-    # Each process scores every world_size-th validation image; check_accuracy adds up the sums.
+    size = (height, width)
+    train_cache = make_cache(train_samples, "train", config, builder)
     val_cache = make_cache(val_samples, "val", config, builder)
-    val_set = data.CarvanaDataset(val_samples[rank::world_size], data.val_transform(), (height, width),
-                                  val_cache)
-    val_loader = make_loader(val_set, config, device, config["SEED"])
+    workers = loader_workers(config, device, train_cache is not None)
+    train_set = data.CarvanaDataset(train_samples, data.train_transform(), size, train_cache)
+    sampler = EpochSampler(train_set, config["SEED"], rank, world_size)
+    train_loader = make_loader(train_set, config, device, workers, sampler)
+    # Each process scores every world_size-th validation image; check_accuracy adds up the sums.
+    val_set = data.CarvanaDataset(val_samples[rank::world_size], data.val_transform(), size, val_cache)
+    val_loader = make_loader(val_set, config, device, workers)
     total_steps = config["NUM_EPOCHS"] * len(train_loader)
     history = read_history(checkpoints / "history.csv", start_epoch)
     curves = Path(config["SAVED_IMAGES"]) / "training_curves.png"
@@ -347,44 +451,55 @@ def run(config, given, rank, world_size, device):
         checkpoints.mkdir(parents=True, exist_ok=True)
         # The held-out images, for `predict.py --input CHECKPOINT_DIR/val_files.txt --masks ...`.
         (checkpoints / "val_files.txt").write_text("".join(f"{s.image}\n" for s in val_samples))
-    metrics = None
+    metrics, train_seconds, trained_images = None, 0.0, 0
     for epoch in range(start_epoch, config["NUM_EPOCHS"]):
         started = time.time()
-        if sampler:
-            sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)
         try:
-            train_loss = train_one_epoch(train_loader, trained, optimizer, scaler, config, device, amp_dtype,
+            train_loss = train_one_epoch(train_loader, trained, optimizer, scaler, average, config, device, amp_dtype,
                                          epoch, epoch * len(train_loader), total_steps)
         except NonFiniteLoss as error:
-            kept = checkpoints / "last.pt"
-            raise SystemExit(f"error: {error}; stopped. Last good checkpoint: "
-                             f"{kept if kept.is_file() else 'none yet'}. Try a lower LEARNING_RATE.") from None
+            stop_without_saving(checkpoints, error)
+        train_seconds += time.time() - started
+        trained_images += len(sampler)
+        if not all_finite(average.model.state_dict().values()) or not all_finite(model.state_dict().values()):
+            stop_without_saving(checkpoints, f"the weights became non-finite during epoch {epoch + 1}")
         if world_size > 1:  # every process scores the model rank 0 saves, BatchNorm statistics included
-            for buffer in model.buffers():
+            for buffer in average.model.buffers():
                 dist.broadcast(buffer, 0)
-        metrics = check_accuracy(val_loader, model, device, config["THRESHOLD"], amp_dtype, segmentation_loss,
+        metrics = check_accuracy(val_loader, average.model, device, config["THRESHOLD"], amp_dtype, segmentation_loss,
                                  all_ranks=world_size > 1)
         improved = metrics["dice"] > best_dice
         best_dice = max(best_dice, metrics["dice"])
         if rank == 0:
             record_epoch(config, epoch, train_loss, metrics, started, history, curves,
-                         checkpoint_state(model, optimizer, scaler, epoch + 1, best_dice, config), improved)
+                         checkpoint_state(model, average, optimizer, scaler, amp_dtype, epoch + 1, best_dice, config),
+                         improved)
 
     if rank == 0:
-        full_val = data.CarvanaDataset(val_samples, data.val_transform(), (height, width), val_cache)
-        written = save_predictions_as_imgs(full_val, model, config["SAVED_IMAGES"], device,
+        full_val = data.CarvanaDataset(val_samples, data.val_transform(), size, val_cache)
+        written = save_predictions_as_imgs(full_val, average.model, config["SAVED_IMAGES"], device,
                                            threshold=config["THRESHOLD"], amp_dtype=amp_dtype)
         worst = WorstImages()
-        check_accuracy(make_loader(full_val, config, device, config["SEED"]), model, device, config["THRESHOLD"],
+        check_accuracy(make_loader(full_val, config, device, 0), average.model, device, config["THRESHOLD"],
                        amp_dtype, worst=worst)
         gallery = worst.save(Path(config["SAVED_IMAGES"]) / "worst_predictions.png")
         print(f"best validation Dice {best_dice:.4f}; checkpoints and history.csv in {checkpoints}/; "
               f"{len(written)} prediction pictures, {curves.name} and {gallery.name} in {config['SAVED_IMAGES']}/")
-    return {"best_dice": best_dice, "last": metrics, "config": config}
+    return {"best_dice": best_dice, "last": metrics, "config": config,
+            "train_images_per_second": trained_images / train_seconds if train_seconds else None}
+
+
+def stop_without_saving(checkpoints, reason):
+    kept = checkpoints / "last.pt"
+    raise SystemExit(f"error: {reason}; stopped without saving. Last good checkpoint: "
+                     f"{kept if kept.is_file() else 'none yet'}. Try a lower LEARNING_RATE.") from None
 
 
 def record_epoch(config, epoch, train_loss, metrics, started, history, curves, state, improved):
-    """Print the epoch, add it to history.csv and the curves, save last.pt and (improved) best.pt."""
+    """Print the epoch, add it to history.csv and the curves, save best.pt (improved) and then
+    last.pt: a run killed between the two saves resumes from the older last.pt, repeats the epoch
+    identically and writes the same best.pt again, so the two files never disagree."""
     checkpoints = Path(config["CHECKPOINT_DIR"])
     print(f"epoch {epoch + 1}/{config['NUM_EPOCHS']}: train loss {train_loss:.4f}, "
           f"val loss {metrics['loss']:.4f}, val Dice {metrics['dice']:.4f}, "
@@ -395,10 +510,10 @@ def record_epoch(config, epoch, train_loss, metrics, started, history, curves, s
                     "seconds": f"{time.time() - started:.1f}"})
     write_history(history, checkpoints / "history.csv")
     save_training_curves(history, curves)
-    save_checkpoint(state, checkpoints / "last.pt")
     if improved:
         save_checkpoint(state, checkpoints / "best.pt")
         print(f"  new best Dice: saved {checkpoints / 'best.pt'}")
+    save_checkpoint(state, checkpoints / "last.pt")
 
 
 if __name__ == "__main__":

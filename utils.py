@@ -12,15 +12,26 @@ import torch.nn.functional as F
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and torch.compile
 
 
+def mps_available():
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+
+
 def get_device(name="auto"):
-    """'auto' picks cuda, then mps, then cpu; any other name is used as given."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """'auto' picks cuda, then mps, then cpu; a named device must exist here (ValueError saying why)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise ValueError(f"device {name!r} does not exist here ({found}); use auto or cpu")
+    if device.type == "mps" and not mps_available():
+        raise ValueError(f"device {name!r} does not exist here (no Apple MPS); use auto or cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {name!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
 def seed_everything(seed):
@@ -29,8 +40,11 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def autocast_dtype(device):
-    """The mixed-precision type this device runs fastest with quality kept, or None."""
+def autocast_dtype(device, choice="auto"):
+    """The mixed-precision type this device runs fastest with quality kept, or None; choice
+    "float16" or "bfloat16" forces one (float16 on a CPU runs Colab's T4 path, loss scaling included)."""
+    if choice != "auto":
+        return {"float16": torch.float16, "bfloat16": torch.bfloat16}[choice]
     if device.type == "cuda":
         # Native bfloat16 starts at compute capability 8.0; older GPUs such as Colab's T4 (7.5) only
         # emulate it, slowly, and is_bf16_supported() counts emulation: float16 with loss scaling there.
@@ -39,6 +53,35 @@ def autocast_dtype(device):
     if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.bfloat16
     return None
+
+
+def all_finite(tensors):
+    """True when every floating-point tensor holds only finite numbers."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors if torch.is_tensor(t) and t.is_floating_point())
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and BatchNorm statistics, the model that
+    is validated and saved: it moves less between epochs than the weights the optimizer steps.
+    The decay ramps up from 0 over the first steps, (1 + n) / (10 + n), so a short run is not
+    dominated by its random initial weights."""
+
+    def __init__(self, model, decay):
+        import copy
+
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.steps = decay, 0
+
+    @torch.no_grad()
+    def update(self, model):
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        averaged, current = self.model.state_dict(), model.state_dict()
+        floats = [name for name, value in averaged.items() if value.is_floating_point()]
+        torch._foreach_lerp_([averaged[n] for n in floats], [current[n].detach() for n in floats], 1 - decay)
+        for name, value in averaged.items():
+            if not value.is_floating_point():
+                value.copy_(current[name])
 
 
 def to_model_input(x, model, device):

@@ -60,7 +60,7 @@ def test_training_fills_the_cache_once(synthetic_root, tmp_path, capsys):
     assert [f.name.split("-")[0] for f in files] == ["train"] * 3 + ["val"] * 3
     assert "caching train-32x48" in capsys.readouterr().err
     stamps = [f.stat().st_mtime_ns for f in files]
-    train.main(tiny_args(tmp_path, synthetic_root, 1))
+    train.main([*tiny_args(tmp_path, synthetic_root, 1), f"--CHECKPOINT_DIR={tmp_path / 'second'}"])
     assert "caching" not in capsys.readouterr().err
     assert [f.stat().st_mtime_ns for f in sorted((tmp_path / "cache").iterdir())] == stamps
 

@@ -93,7 +93,7 @@ def test_empty_data_dir_runs_the_demo_on_generated_cars(tmp_path, monkeypatch, c
     assert len(list((tmp_path / "data" / "synthetic" / "train").glob("*.jpg"))) == 48
     assert result["config"]["FEATURES"] == (4, 8)
     mtime = (tmp_path / "data" / "synthetic" / "train_masks").stat().st_mtime_ns
-    train.main(args)  # generated once: the second run reuses it
+    train.main([*args, "--LOAD_MODEL=true"])  # generated once: the second run reuses it
     assert "Generating" not in capsys.readouterr().out
     assert (tmp_path / "data" / "synthetic" / "train_masks").stat().st_mtime_ns == mtime
 

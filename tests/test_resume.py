@@ -1,0 +1,133 @@
+"""Nothing lost: resumes that continue the same run, checkpoints that stay good, settings checked up front."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from conftest import tiny_args
+from utils import all_finite, load_checkpoint
+
+
+def killed_after_first_epoch(monkeypatch):
+    """Make the next train.main die right after epoch 1's checkpoints are on disk, as kill -9 would."""
+    real = train.record_epoch
+
+    def record_then_die(config, epoch, *args):
+        real(config, epoch, *args)
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "record_epoch", record_then_die)
+
+
+def weights(path):
+    state = load_checkpoint(path)
+    return state["training_model"], state["model"]
+
+
+def assert_same_weights(first, second):
+    for a, b in zip(first, second):
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.allclose(a[name].float(), b[name].float(), atol=1e-6), name
+
+
+def test_a_killed_and_resumed_run_ends_with_the_uninterrupted_runs_weights(tmp_path, synthetic_root, monkeypatch):
+    whole = tiny_args(tmp_path / "whole", synthetic_root, 3)
+    train.main(whole)
+    pieces = tiny_args(tmp_path / "pieces", synthetic_root, 3)
+    with monkeypatch.context() as patch:
+        killed_after_first_epoch(patch)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(pieces)
+    assert load_checkpoint(tmp_path / "pieces" / "checkpoints" / "last.pt")["epoch"] == 1
+    train.main([*pieces, "--LOAD_MODEL=true"])
+    assert_same_weights(weights(tmp_path / "whole" / "checkpoints" / "last.pt"),
+                        weights(tmp_path / "pieces" / "checkpoints" / "last.pt"))
+    rows = (tmp_path / "pieces" / "checkpoints" / "history.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows] == ["epoch", "1", "2", "3"]
+
+
+def test_a_fresh_run_into_an_earlier_runs_folder_stops_and_keeps_it(tmp_path, synthetic_root):
+    args = tiny_args(tmp_path, synthetic_root, 1)
+    train.main(args)
+    best = tmp_path / "checkpoints" / "best.pt"
+    before = best.read_bytes()
+    with pytest.raises(SystemExit, match="holds an earlier run.*--LOAD_MODEL=true.*another --CHECKPOINT_DIR") as error:
+        train.main(args)
+    assert "\n" not in str(error.value)
+    assert best.read_bytes() == before and len((tmp_path / "checkpoints" / "history.csv").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("first, second", [(["--AMP_DTYPE=bfloat16"], ["--AMP_DTYPE=float16"]),
+                                           (["--AMP=false"], ["--AMP=true", "--AMP_DTYPE=float16"]),
+                                           (["--AMP_DTYPE=float16"], ["--AMP=false"])])
+def test_resume_across_mixed_precision_types_continues(tmp_path, synthetic_root, first, second, capsys):
+    train.main([*tiny_args(tmp_path, synthetic_root, 1), *first])
+    result = train.main([*tiny_args(tmp_path, synthetic_root, 2), *second, "--LOAD_MODEL=true"])
+    assert "now" in capsys.readouterr().out  # says the type changed
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 2 and result["last"]["images"] > 0
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, synthetic_root, monkeypatch):
+    """The loss check runs before each update, so an update that overflows on an epoch's last step
+    is caught by the check of the weights before anything is saved."""
+    train.main(tiny_args(tmp_path, synthetic_root, 1))
+    real = train.train_one_epoch
+
+    def last_update_overflows(loader, model, *args):
+        loss = real(loader, model, *args)
+        with torch.no_grad():
+            next(model.parameters()).fill_(math.inf)
+        return loss
+
+    monkeypatch.setattr(train, "train_one_epoch", last_update_overflows)
+    with pytest.raises(SystemExit, match=r"weights became non-finite during epoch 2.*Last good checkpoint: .*last\.pt"):
+        train.main([*tiny_args(tmp_path, synthetic_root, 2), "--LOAD_MODEL=true"])
+    for name in ("last.pt", "best.pt"):
+        state = load_checkpoint(tmp_path / "checkpoints" / name)
+        assert state["epoch"] == 1 and all_finite(state["model"].values())
+        assert all_finite(state["training_model"].values())
+
+
+@pytest.mark.parametrize("argument, message", [
+    ("--THRESHOLD=1.5", "THRESHOLD must be between 0 and 1"),
+    ("--THRESHOLD=0", "THRESHOLD must be between 0 and 1"),
+    ("--SEED=-1", "SEED must be between 0 and 2\\*\\*32 - 1"),
+    ("--NUM_WORKERS=-1", "NUM_WORKERS must be auto or a count"),
+    ("--NUM_WORKERS=many", "--NUM_WORKERS expects an integer"),
+    ("--FEATURES=", "FEATURES must be one or more positive channel counts"),
+    ("--FEATURES=8,0", "FEATURES must be one or more positive channel counts"),
+    ("--DEVICE=gpu", "DEVICE: unknown device 'gpu'"),
+    ("--DEVICE=cuda:99", "DEVICE: device 'cuda:99' does not exist here"),
+    ("--EMA_DECAY=1", "EMA_DECAY must be at least 0 and below 1"),
+    ("--AMP_DTYPE=half", "AMP_DTYPE must be auto, float16 or bfloat16"),
+    ("--LEARNING_RATE=0", "LEARNING_RATE must be a positive number"),
+    ("--IMAGE_HEIGHT=8", "IMAGE_HEIGHT and IMAGE_WIDTH must be at least 16 for a 4-level UNet"),
+    ("--CHECKPOINT_DIR=", "CHECKPOINT_DIR must name a folder"),
+])
+def test_every_bad_setting_is_one_line_before_anything_runs(argument, message):
+    with pytest.raises(SystemExit, match=message) as error:
+        train.parse_settings([argument])
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_missing_device_is_a_one_line_error_from_the_command_line(tmp_path):
+    run = subprocess.run([sys.executable, train.__file__, "--DEVICE=cuda"], capture_output=True, text=True,
+                         cwd=tmp_path, check=False)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == "error: DEVICE: device 'cuda' does not exist here (no CUDA device); use auto or cpu"
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_num_workers_auto_is_none_on_a_cpu_with_the_cache_and_some_for_a_gpu(monkeypatch):
+    config = {"NUM_WORKERS": "auto"}
+    assert train.loader_workers(config, torch.device("cpu"), cached=True) == 0
+    monkeypatch.setattr(train, "available_cores", lambda: 12)
+    assert train.loader_workers(config, torch.device("cuda"), cached=True) == 8
+    assert train.loader_workers(config, torch.device("cpu"), cached=False) == 2
+    assert train.loader_workers({"NUM_WORKERS": 3}, torch.device("cpu"), cached=True) == 3
