@@ -33,6 +33,7 @@ class UNet(nn.Module):
         features = tuple(int(f) for f in features)
         if not features or min(features) < 1:
             raise ValueError(f"features must be positive channel counts, got {features}")
+        self.model_args = {"in_channels": in_channels, "out_channels": out_channels, "features": features}
         self.downs = nn.ModuleList()
         self.ups = nn.ModuleList()
         self.up_convs = nn.ModuleList()

@@ -39,13 +39,14 @@ from utils import (
 )
 
 # ---- settings ---------------------------------------------------------------------------------
-DATA_DIR = "data"                 # Carvana layout (train/, train_masks/) or train_images/, train_masks/, val_images/, val_masks/
+DATA_DIR = "data"                 # train/ + train_masks/ (Carvana), train_images/ ... val_masks/, images/ + masks/ or imgs/ + masks/
 CHECKPOINT_DIR = "checkpoints"    # last.pt every epoch, best.pt on a new best Dice; on Colab a Drive folder
 IMAGE_HEIGHT = 160                # pixels the model sees; Carvana's photos are 1280 high
 IMAGE_WIDTH = 240                 # pixels the model sees; Carvana's photos are 1918 wide
 BATCH_SIZE = 16                   # images per optimizer step
 NUM_EPOCHS = 5                    # passes over the training images (a resumed run stops at the same total)
 LEARNING_RATE = 1e-4              # Adam's peak rate; cosine decay to 1% of it over the run
+HEAD_LR_FACTOR = 10.0             # the 1x1 output layer's rate as a multiple of LEARNING_RATE (>= 1; README: Training)
 NUM_WORKERS = "auto"              # loader processes: "auto" (none on a CPU once the cache is built, enough to feed a GPU), or 0, 1, 2, ...
 PIN_MEMORY = True                 # page-locked batches: faster copies to a CUDA GPU (ignored elsewhere)
 LOAD_MODEL = False                # True: resume from CHECKPOINT_DIR/last.pt (model, optimizer, epoch, best Dice)
@@ -58,7 +59,7 @@ FEATURES = (64, 128, 256, 512)    # UNet channels per level; the bottleneck has 
 THRESHOLD = 0.5                   # probability above which a pixel counts as car, between 0 and 1
 EMA_DECAY = 0.99                  # validate and save an average of the weights (0 <= decay < 1; 0: the weights as trained)
 SAVED_IMAGES = "saved_images"     # folder for the prediction pictures written after training
-DEMO = True                       # with no data in DATA_DIR: generate synthetic cars and train with DEMO_SETTINGS
+DEMO = True                       # DATA_DIR left at "data" and no data there: generate synthetic cars, train with DEMO_SETTINGS
 CHANNELS_LAST = True              # NHWC memory format: faster convolutions with oneDNN and cuDNN tensor cores
 CACHE_DIR = "cache"               # decoded, resized uint8 copies of the data, made once (local disk); "" decodes every epoch
 COMPILE = False                   # torch.compile the model in place: faster steps after a slow first one
@@ -69,6 +70,7 @@ SETTING_NAMES = [name for name in globals() if name.isupper()]
 # Sized so that a bare `python train.py` on a 2-core CPU finishes in a few minutes.
 DEMO_SETTINGS = {"FEATURES": (16, 32, 64, 128), "LEARNING_RATE": 2e-3, "NUM_EPOCHS": 12}
 DEMO_DATA = {"cars": 24, "size": (480, 320), "seed": 0}  # 384 images at a quarter of Carvana's size
+DEMO_DATA_DIR = "data"  # DATA_DIR's default: the one folder where finding no data starts the demo
 TRUE_WORDS, FALSE_WORDS = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
@@ -131,6 +133,8 @@ def check_settings(config):
         fail(f"EMA_DECAY must be at least 0 and below 1, got {config['EMA_DECAY']}")
     if not config["LEARNING_RATE"] > 0 or not math.isfinite(config["LEARNING_RATE"]):
         fail(f"LEARNING_RATE must be a positive number, got {config['LEARNING_RATE']}")
+    if not 1 <= config["HEAD_LR_FACTOR"] < math.inf:
+        fail(f"HEAD_LR_FACTOR must be a number of at least 1, got {config['HEAD_LR_FACTOR']}")
     if not 0 <= config["SEED"] < 2**32:
         fail(f"SEED must be between 0 and 2**32 - 1, got {config['SEED']}")
     workers = config["NUM_WORKERS"]
@@ -158,11 +162,14 @@ def quiet(*args, **kwargs):
 
 
 def prepare_data(config, given, rank=0):
-    """Use DATA_DIR if it holds images; otherwise (DEMO) the synthetic set, made once by rank 0."""
+    """Use DATA_DIR if it holds a known layout. Otherwise, with DATA_DIR left at its default and
+    DEMO on, the synthetic set under data/synthetic/, made once by rank 0; a DATA_DIR the user
+    named (on the command line or by editing the setting) is a one-line error, and nothing is
+    created in it."""
     if data.has_data(config["DATA_DIR"]):
         return config
-    if not config["DEMO"]:
-        raise SystemExit(f"error: no images in {config['DATA_DIR']}/train or {config['DATA_DIR']}/train_images")
+    if not config["DEMO"] or "DATA_DIR" in given or config["DATA_DIR"] != DEMO_DATA_DIR:
+        raise SystemExit(f"error: DATA_DIR: {data.layout_error(config['DATA_DIR'])}")
     root = Path(config["DATA_DIR"]) / "synthetic"
     say = quiet if rank else print
     say("=" * 78)
@@ -185,19 +192,36 @@ def prepare_data(config, given, rank=0):
 
 
 def load_samples(config, rank=0):
-    """(train, val) sample lists; rank 0 reports every file that was skipped."""
+    """(train, val) sample lists; rank 0 reports every file that was skipped and the masks with no
+    car pixels. Validation is val_images/ where the layout has it, else VAL_FRACTION of the cars;
+    with photos of one car, VAL_FRACTION of its photos (with a warning)."""
     splits = data.find_splits(config["DATA_DIR"])
-    train, problems = data.scan_pairs(*splits["train"])
+    if not splits:
+        raise SystemExit(f"error: DATA_DIR: {data.layout_error(config['DATA_DIR'])}")
+    # Masks are decoded to be checked; kept results spare later runs the work (about 30 s for
+    # Carvana's 5,088 masks on 2 cores).
+    checks = data.MaskChecks(Path(config["CACHE_DIR"]) / "mask_checks.json" if config["CACHE_DIR"] else None)
+    train, problems = data.scan_pairs(*splits["train"], progress=rank == 0, checks=checks)
     if "val" in splits:
-        val, val_problems = data.scan_pairs(*splits["val"])
+        val, val_problems = data.scan_pairs(*splits["val"], progress=rank == 0, checks=checks)
         problems += val_problems
-    else:
-        train, val = data.split_by_car(train, config["VAL_FRACTION"], config["SEED"])
     if rank == 0:
+        checks.save()
         data.report_problems(problems)
+    listed = " (the skipped files are listed above)" if problems else ""
+    if "val" not in splits:
+        if len(train) < 2:
+            raise SystemExit(f"error: {splits['train'][0]} has {len(train)} usable image/mask pair{'s' * (len(train) != 1)}{listed}; "
+                             f"training needs at least 2, one to train on and one to validate: add photos with masks")
+        cars = {data.car_id(s.image) for s in train}
+        train, val = data.split_by_car(train, config["VAL_FRACTION"], config["SEED"])
+        if len(cars) < 2 and rank == 0:
+            print(f"warning: all {len(train) + len(val)} photos in {splits['train'][0]} are of one car ({cars.pop()}): "
+                  f"validation holds out {len(val)} of them, so it shares that car with training and its scores "
+                  f"read high; photos of other cars (or a val_images/ folder) give a fair score", file=sys.stderr)
     if not train or not val:
-        raise SystemExit(f"error: {config['DATA_DIR']} has {len(train)} usable training and "
-                         f"{len(val)} validation images; both must be at least 1")
+        raise SystemExit(f"error: {config['DATA_DIR']} has {len(train)} usable training and {len(val)} validation "
+                         f"images{listed}; both must be at least 1")
     return train, val
 
 
@@ -298,7 +322,7 @@ def train_one_epoch(loader, model, optimizer, scaler, average, config, device, a
                disable=distributed and dist.get_rank() > 0)
     for step, (x, y) in enumerate(bar):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, steps_done + step, total_steps)
+            group["lr"] = learning_rate(config, steps_done + step, total_steps) * group.get("rate_factor", 1.0)
         x = to_model_input(x, model, device)
         y = y.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
@@ -350,7 +374,7 @@ def checkpoint_state(model, average, optimizer, scaler, amp_dtype, epoch, best_d
     return {"model": average.model.state_dict(), "training_model": model.state_dict(), "average_steps": average.steps,
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "amp_dtype": str(amp_dtype),
             "epoch": epoch, "best_dice": best_dice, "config": config,
-            "model_args": {"in_channels": 3, "out_channels": 1, "features": tuple(config["FEATURES"])},
+            "model_args": dict(model.model_args),
             "image_size": (config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]), "threshold": config["THRESHOLD"]}
 
 
@@ -362,6 +386,18 @@ def build_model(config, device, world_size):
             raise SystemExit("error: SYNC_BATCHNORM needs CUDA devices; set it to false for CPU runs")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def make_optimizer(model, config):
+    """Adam, with the output layer in a group of its own that learns HEAD_LR_FACTOR times faster.
+    Why: Adam moves each weight by at most about the learning rate per step, and BatchNorm undoes
+    any growth in the layers before it, so the logits' scale is set by the last layer alone; at the
+    rate of the rest it cannot grow far enough in a short run for the model to become sure of the
+    background, and the loss stalls (see README: Training)."""
+    head = [parameter for name, parameter in model.named_parameters() if name.startswith("head.")]
+    body = [parameter for name, parameter in model.named_parameters() if not name.startswith("head.")]
+    return torch.optim.Adam([{"params": body, "rate_factor": 1.0},
+                             {"params": head, "rate_factor": config["HEAD_LR_FACTOR"]}], lr=config["LEARNING_RATE"])
 
 
 def refuse_to_overwrite(checkpoints):
@@ -376,6 +412,11 @@ def resume(checkpoints, model, average, optimizer, scaler, amp_dtype, device, sa
     """Continue from last.pt: weights, averaged weights, optimizer, loss scale (where it applies)."""
     try:
         state = load_checkpoint(checkpoints / "last.pt", device)
+        saved = tuple(state["model_args"].get("features", ()))
+        if saved != tuple(model.model_args["features"]):
+            raise ValueError(f"{checkpoints / 'last.pt'} holds another run's model (FEATURES={','.join(map(str, saved))},"
+                             f" this run asks for {','.join(map(str, model.model_args['features']))}); choose another "
+                             f"CHECKPOINT_DIR for a new run")
         model.load_state_dict(clean_state_dict(state.get("training_model", state["model"])))
         average.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -422,7 +463,7 @@ def run(config, given, rank, world_size, device):
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     model = build_model(config, device, world_size)
     average = WeightAverage(model, config["EMA_DECAY"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["LEARNING_RATE"])
+    optimizer = make_optimizer(model, config)
     # Loss scaling is needed only for float16; bfloat16 has float32's range.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_epoch, best_dice = 0, -1.0

@@ -131,3 +131,9 @@ def test_num_workers_auto_is_none_on_a_cpu_with_the_cache_and_some_for_a_gpu(mon
     assert train.loader_workers(config, torch.device("cuda"), cached=True) == 8
     assert train.loader_workers(config, torch.device("cpu"), cached=False) == 2
     assert train.loader_workers({"NUM_WORKERS": 3}, torch.device("cpu"), cached=True) == 3
+
+
+def test_resuming_another_runs_model_says_so(tmp_path, synthetic_root):
+    train.main(tiny_args(tmp_path, synthetic_root, 1))
+    with pytest.raises(SystemExit, match=r"cannot resume.*another run's model \(FEATURES=4,8, this run asks for 4,8,16\)"):
+        train.main([*tiny_args(tmp_path, synthetic_root, 2), "--FEATURES=4,8,16", "--LOAD_MODEL=true"])
