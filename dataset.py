@@ -305,9 +305,9 @@ class Problems(list):
 
 
 class MaskChecks:
-    """mask_problem's results for usable masks, kept between runs in a JSON file (train.py:
-    CACHE_DIR/mask_checks.json) so that only new or changed masks are decoded again: each is keyed
-    by its path, byte size and modification time. Without a file, a memo of one run."""
+    """mask_problem's results for usable masks, which a caller may keep between runs in a JSON file
+    so that only new or changed masks are decoded again: each is keyed by its path, byte size and
+    modification time. Without a file, a memo of one scan."""
 
     VERSION = 1  # bump whenever decode_mask's rule changes: stored results are then redone
 

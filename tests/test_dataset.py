@@ -195,8 +195,10 @@ def test_split_holds_out_whole_cars_with_a_fixed_seed(synthetic_root):
     assert len(val_cars) == 1 and len(train_cars) == 3 and not train_cars & val_cars
     assert len(val) == 4 and len(train) == 12
     assert data.split_by_car(samples, 0.25, seed=1) == (train, val)
-    with pytest.raises(ValueError, match="at least 2 cars"):
-        data.split_by_car(val, 0.25, seed=1)
+    one_car_train, one_car_val = data.split_by_car(val, 0.25, seed=1)  # one car: split by photo
+    assert len(one_car_val) == 1 and set(one_car_train + one_car_val) == set(val)
+    with pytest.raises(ValueError, match="at least 2 photos"):
+        data.split_by_car(val[:1], 0.25, seed=1)
 
 
 def test_reduced_decode_never_goes_below_the_target():

@@ -38,6 +38,8 @@ def test_rle_edge_cases_round_trip_and_match_the_definition(name):
         mask = (np.random.default_rng(3).random((5, 7)) > 0.5).astype(np.uint8)
     text = rle_encode(mask)
     assert text == naive_rle(mask)
+    assert predict.run_length_text(mask) == predict.run_length_text(mask.astype(bool)) == text
+    assert predict.run_length_text(mask * 255) == text  # mask files hold 0 and 255
     assert np.array_equal(rle_decode(text, mask.shape), mask)
     expected = {"empty": "", "full": "1 35", "first_pixel": "1 1", "last_pixel": "35 1", "both_ends": "1 1 35 1"}
     assert text == expected.get(name, text)
@@ -60,9 +62,27 @@ def test_rle_round_trips_every_real_mask():
     for path in sorted((REAL_SAMPLES / "train_masks").glob("*.gif")):
         mask = np.array(Image.open(path))
         text = rle_encode(mask)
+        assert predict.run_length_text(mask) == text, path.name
         assert np.array_equal(rle_decode(text, mask.shape), mask), path.name
         starts = np.array(text.split(), dtype=np.int64)[0::2]
         assert (np.diff(starts) > 0).all()
+
+
+def test_rows_made_on_the_device_and_by_cpu_threads_match_rle_encode():
+    import torch
+    import torch.nn.functional as F
+
+    smooth = F.interpolate(torch.rand(3, 1, 4, 6, generator=torch.Generator().manual_seed(0)), size=(16, 24),
+                           mode="bilinear")
+    probability = torch.cat((smooth, torch.zeros(1, 1, 16, 24), torch.ones(1, 1, 16, 24)))  # empty, full
+    sizes = [(50, 70), (33, 41), (50, 70), (50, 70), (33, 41)]
+    rows = predict.device_rows(probability, sizes, 0.5)  # the GPU path's code, here on CPU tensors
+    for index, size in enumerate(sizes):
+        upsampled = F.interpolate(probability[index:index + 1], size=size, mode="bilinear", align_corners=False)
+        expected = rle_encode(upsampled[0, 0].numpy() > 0.5)
+        assert rows[index] == expected
+        assert predict.cpu_row(probability[index, 0].numpy(), size, 0.5) == expected
+    assert rows[3] == "" and rows[4] == f"1 {33 * 41}"
 
 
 def run_submission(trained, inputs, tmp_path, *extra):
@@ -87,7 +107,7 @@ def test_submission_rows_decode_to_the_written_masks(trained, synthetic_root, tm
 
 
 def test_interrupted_submission_resumes_without_repeating_rows(trained, synthetic_root, tmp_path, capsys):
-    assert run_submission(trained, synthetic_root / "train", tmp_path) == 0
+    assert run_submission(trained, synthetic_root / "train", tmp_path, "--no-images") == 0
     complete = (tmp_path / "sub.csv").read_text()
     lines = complete.splitlines(keepends=True)
     (tmp_path / "sub.csv").write_text("".join(lines[:6]) + lines[6][:9])  # killed mid-row
@@ -102,6 +122,18 @@ def test_interrupted_submission_resumes_without_repeating_rows(trained, syntheti
 
 def read_rows_text(text):
     return list(csv.reader(text.splitlines()))
+
+
+def test_two_inputs_with_one_file_name_are_refused_for_a_submission(trained, synthetic_root, tmp_path, capsys):
+    image = min((synthetic_root / "train").iterdir())
+    for folder in ("left", "right"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "car.jpg").write_bytes(image.read_bytes())
+    (tmp_path / "both.txt").write_text("left/car.jpg\nright/car.jpg\n")
+    assert run_submission(trained, tmp_path / "both.txt", tmp_path, "--no-images") == 1
+    err = capsys.readouterr().err
+    assert "car.jpg" in err and "Kaggle keys submission rows by file name" in err
+    assert not (tmp_path / "sub.csv").exists()
 
 
 def test_existing_submission_is_never_overwritten(trained, synthetic_root, tmp_path):
@@ -138,8 +170,10 @@ def test_training_writes_history_curves_and_gallery(trained):
     assert listed and all(path.endswith(".jpg") for path in listed)
 
 
-def test_ctrl_c_keeps_the_rows_written_and_says_how_to_finish(trained, synthetic_root, tmp_path, monkeypatch, capsys):
-    real = predict.write_outputs
+@pytest.mark.parametrize("images", [[], ["--no-images"]], ids=["with-images", "rows-only"])
+def test_ctrl_c_keeps_the_rows_written_and_says_how_to_finish(trained, synthetic_root, tmp_path, monkeypatch, capsys,
+                                                              images):
+    real = predict.Submission.add
     calls = []
 
     def interrupted_on_the_fifth(*args):
@@ -148,8 +182,8 @@ def test_ctrl_c_keeps_the_rows_written_and_says_how_to_finish(trained, synthetic
             raise KeyboardInterrupt
         real(*args)
 
-    monkeypatch.setattr(predict, "write_outputs", interrupted_on_the_fifth)
-    assert run_submission(trained, synthetic_root / "train", tmp_path, "--no-images") == 130
+    monkeypatch.setattr(predict.Submission, "add", interrupted_on_the_fifth)
+    assert run_submission(trained, synthetic_root / "train", tmp_path, *images) == 130
     assert "interrupted after 4 images; the same command with --resume finishes" in capsys.readouterr().err
     assert len(read_rows(tmp_path / "sub.csv")) == 1 + 4
     monkeypatch.undo()

@@ -85,7 +85,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, syn
 def test_empty_data_dir_runs_the_demo_on_generated_cars(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "DEMO_DATA", {"cars": 3, "size": (96, 64), "seed": 0})
     monkeypatch.setattr(train, "DEMO_SETTINGS", {"FEATURES": (4, 8), "NUM_EPOCHS": 1})
-    args = [a for a in tiny_args(tmp_path, tmp_path / "data", 1) if not a.startswith(("--FEATURES", "--NUM_EPOCHS"))]
+    monkeypatch.chdir(tmp_path)  # DATA_DIR left at its default, data/: the demo runs only there
+    args = [a for a in tiny_args(tmp_path, "data", 1) if not a.startswith(("--DATA_DIR", "--FEATURES", "--NUM_EPOCHS"))]
     result = train.main(args)
     out = capsys.readouterr().out
     assert "No training images" in out and "kaggle competitions download" in out
@@ -98,9 +99,12 @@ def test_empty_data_dir_runs_the_demo_on_generated_cars(tmp_path, monkeypatch, c
     assert (tmp_path / "data" / "synthetic" / "train_masks").stat().st_mtime_ns == mtime
 
 
-def test_no_data_without_demo_is_an_error(tmp_path):
-    with pytest.raises(SystemExit, match="no images in"):
-        train.main(tiny_args(tmp_path, tmp_path / "empty", 1, "--DEMO=false"))
+def test_no_data_without_demo_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in tiny_args(tmp_path, "data", 1) if not a.startswith("--DATA_DIR")]
+    (tmp_path / "data").mkdir()
+    with pytest.raises(SystemExit, match=r"no data in data \(found: 0 folders, 0 images\)"):
+        train.main([*args, "--DEMO=false"])
 
 
 def test_learning_rate_decays_from_peak_to_one_percent():
