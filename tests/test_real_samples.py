@@ -67,3 +67,23 @@ def test_submission_rows_for_real_images_decode_to_the_written_masks(trained, tm
         written = np.array(Image.open(tmp_path / "out" / name.replace(".jpg", "_mask.png"))) > 0
         assert written.shape == (1280, 1918)
         assert np.array_equal(rle_decode(text, (1280, 1918)).astype(bool), written)
+
+
+def test_a_model_that_outputs_the_targets_scores_near_one_at_full_resolution():
+    """The 160x240 training targets (each pixel's car share), upsampled as predict.py upsamples a
+    prediction, against the full-size masks: the ceiling the targets put on any model's score."""
+    import torch
+    import torch.nn.functional as F
+
+    samples, _ = data.scan_pairs(REAL_SAMPLES / "train", REAL_SAMPLES / "train_masks")
+    scores = []
+    for sample in samples:
+        _, share = data.load_training_pair(sample, (160, 240))
+        probability = share.astype(np.float32) / 255
+        truth = data.read_mask(sample.mask).astype(bool)
+        on_cpu = predict.upsample(probability, truth.shape) > 0.5
+        on_gpu = F.interpolate(torch.from_numpy(probability)[None, None], size=truth.shape, mode="bilinear",
+                               align_corners=False)[0, 0].numpy() > 0.5  # the path predict.py takes on a GPU
+        assert (on_cpu != on_gpu).mean() < 1e-4
+        scores.append(2 * (on_cpu & truth).sum() / (on_cpu.sum() + truth.sum()))
+    assert np.mean(scores) >= 0.997 and np.min(scores) >= 0.994, (np.mean(scores), np.min(scores))
