@@ -517,7 +517,7 @@ def train_transform():
     """Augmentations of (image, mask) pairs already at the training size: the changes real car
     photos show (position, size and a slight tilt of the car; left-right mirror; paint colour and
     light), never an upside-down car. Reflected borders instead of black corners, and car shares
-    interpolated linearly so the targets stay soft. Chosen on real photos: README, Training."""
+    interpolated linearly so the targets stay soft. Chosen on real photos: README, Training recipe."""
     return A.Compose([
         A.Affine(scale=(0.9, 1.1), translate_percent=(-0.0625, 0.0625), rotate=(-10, 10),
                  border_mode=cv2.BORDER_REFLECT_101, mask_interpolation=cv2.INTER_LINEAR, p=0.7),

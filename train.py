@@ -46,7 +46,7 @@ IMAGE_WIDTH = 240                 # pixels the model sees; Carvana's photos are 
 BATCH_SIZE = 16                   # images per optimizer step
 NUM_EPOCHS = 5                    # passes over the training images (a resumed run stops at the same total)
 LEARNING_RATE = 1e-4              # Adam's peak rate; cosine decay to 1% of it over the run
-HEAD_LR_FACTOR = 10.0             # the 1x1 output layer's rate as a multiple of LEARNING_RATE (>= 1; README: Training)
+HEAD_LR_FACTOR = 10.0             # the 1x1 output layer's rate as a multiple of LEARNING_RATE (>= 1; README: Training recipe)
 NUM_WORKERS = "auto"              # loader processes: "auto" (none on a CPU once the cache is built, enough to feed a GPU), or 0, 1, 2, ...
 PIN_MEMORY = True                 # page-locked batches: faster copies to a CUDA GPU (ignored elsewhere)
 LOAD_MODEL = False                # True: resume from CHECKPOINT_DIR/last.pt (model, optimizer, epoch, best Dice)
@@ -394,7 +394,7 @@ def make_optimizer(model, config):
     Why: Adam moves each weight by at most about the learning rate per step, and BatchNorm undoes
     any growth in the layers before it, so the logits' scale is set by the last layer alone; at the
     rate of the rest it cannot grow far enough in a short run for the model to become sure of the
-    background, and the loss stalls (see README: Training)."""
+    background, and the loss stalls (see README: Training recipe)."""
     head = [parameter for name, parameter in model.named_parameters() if name.startswith("head.")]
     body = [parameter for name, parameter in model.named_parameters() if not name.startswith("head.")]
     return torch.optim.Adam([{"params": body, "rate_factor": 1.0},
