@@ -16,7 +16,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dataset as data
+import model as model_module
 import synthetic
+import train
 from model import UNet
 from utils import autocast, autocast_dtype, get_device, segmentation_loss
 
@@ -116,12 +118,25 @@ def matmul_ceiling(device, dtype, size=4096, repeats=3):
     return 2 * size**3 / best
 
 
+@contextlib.contextmanager
+def plain_layers():
+    """The step as it was before model.upsample and the fused Adam: ConvTranspose2d modules and
+    Adam's per-weight updates."""
+    upsample, make_optimizer = model_module.upsample, train.make_optimizer
+    model_module.upsample = lambda up, x: up(x)
+    train.make_optimizer = lambda model, config: torch.optim.Adam(model.parameters(), lr=config["LEARNING_RATE"])
+    try:
+        yield
+    finally:
+        model_module.upsample, train.make_optimizer = upsample, make_optimizer
+
+
 def training_rate(args, device, features, amp_dtype, channels_last, compile_model):
-    """(images/s, FLOP per step, peak bytes) of optimizer steps on random batches."""
+    """(images/s, FLOP per step, peak bytes) of train.py's optimizer steps on random batches."""
     torch.manual_seed(0)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = UNet(features=features).to(device, memory_format=memory_format)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = train.make_optimizer(model, train.defaults())
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     x = torch.randn(args.batch, 3, args.height, args.width, device=device).contiguous(memory_format=memory_format)
     y = (torch.rand(args.batch, 1, args.height, args.width, device=device) > 0.5).float()
@@ -168,8 +183,6 @@ def inference_rate(args, device, features, amp_dtype):
 def epoch_run(args, features, extra, folder):
     """(wall seconds, training-loop images/s) of a whole one-epoch train.py run: start-up, scan,
     cache, the epoch, validation, checkpoints and pictures."""
-    import train
-
     started = time.perf_counter()
     result = train.main([f"--DATA_DIR={args.epoch}", f"--CHECKPOINT_DIR={folder}/checkpoints",
                          f"--SAVED_IMAGES={folder}/images", "--NUM_EPOCHS=1", "--DEMO=false",
@@ -225,15 +238,18 @@ def main(argv=None):
     ceilings = {torch.float32: matmul_ceiling(device, torch.float32)}
     if fast_dtype is not None:
         ceilings[fast_dtype] = matmul_ceiling(device, fast_dtype)
-    paths = [("float32, NCHW", None, False, False), (f"{fast_dtype or 'float32'} autocast, channels-last", fast_dtype,
-                                                     True, False)]
+    fast = f"{fast_dtype or 'float32'} autocast, channels-last"
+    paths = [("float32, NCHW", None, False, False, plain_layers), (f"{fast}, transposed convolutions, per-weight Adam",
+                                                                    fast_dtype, True, False, plain_layers),
+             (fast, fast_dtype, True, False, contextlib.nullcontext)]
     if not args.no_compile:
-        paths.append((f"{fast_dtype or 'float32'} autocast, channels-last, compiled", fast_dtype, True, True))
+        paths.append((f"{fast}, compiled", fast_dtype, True, True, contextlib.nullcontext))
     base = None
-    for name, dtype, channels_last, compile_model in paths:
-        rate, flops, peak = training_rate(args, device, features, dtype, channels_last, compile_model)
+    for name, dtype, channels_last, compile_model, layers in paths:
+        with layers():
+            rate, flops, peak = training_rate(args, device, features, dtype, channels_last, compile_model)
         base = base or rate
-        if channels_last and not compile_model:
+        if channels_last and not compile_model and layers is contextlib.nullcontext:
             step_rate = rate  # train.py's default path: the rate its whole loop is compared with
         share = flops * rate / args.batch / ceilings[dtype or torch.float32]
         rows.append((f"train {name}", f"{rate:.2f} img/s", f"{rate / base:.2f}x"))

@@ -48,3 +48,39 @@ def test_skip_connections_carry_fine_detail():
         difference = (model(y) - model(x)).abs()[0, 0]
     # Far outside the receptive field only round-off remains, orders of magnitude smaller.
     assert difference[5, 7] > 1000 * difference[20:, 20:].max()
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_matrix_product_upsampling_equals_the_transposed_convolution(dtype):
+    """model.upsample's CPU path: same outputs and the same gradients (input, weight, bias) as the
+    ConvTranspose2d it stands in for, in float32 and under bfloat16 autocast, odd sizes included."""
+    from model import upsample
+
+    torch.manual_seed(0)
+    up = torch.nn.ConvTranspose2d(12, 5, kernel_size=2, stride=2).to(memory_format=torch.channels_last)
+    x = torch.randn(3, 12, 7, 9).contiguous(memory_format=torch.channels_last)
+    results = []
+    for function in (up, lambda x: upsample(up, x)):
+        up.zero_grad()
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            y = function(inputs)
+        (y.float() * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        results.append((y.float(), inputs.grad, up.weight.grad.clone(), up.bias.grad.clone()))
+    (y, *gradients), (expected, *expected_gradients) = results[1], results[0]
+    assert y.shape == (3, 5, 14, 18) and y.is_contiguous(memory_format=torch.channels_last)
+    tolerance = 1e-4 if dtype is None else 3e-2  # sums in another order
+    torch.testing.assert_close(y, expected, atol=tolerance, rtol=tolerance)
+    for got, want in zip(gradients, expected_gradients):
+        torch.testing.assert_close(got.float(), want.float(), atol=tolerance, rtol=tolerance)
+
+
+def test_models_with_both_memory_layouts_give_the_same_logits():
+    torch.manual_seed(0)
+    model = UNet(features=(4, 8, 16, 32)).eval()
+    x = torch.randn(2, 3, 48, 80)
+    with torch.no_grad():
+        expected = model(x)
+        model.to(memory_format=torch.channels_last)
+        got = model(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

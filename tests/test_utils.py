@@ -84,6 +84,26 @@ def test_leftovers_of_killed_saves_are_cleared_by_the_next_save(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".best.pt.def456.tmp", "last.pt"]
 
 
+@pytest.mark.parametrize("links", [True, False])
+def test_last_shares_best_bytes_and_a_later_save_leaves_best_alone(tmp_path, monkeypatch, links):
+    """An improved epoch writes best.pt once and names it last.pt too (or copies it where the file
+    system refuses hard links); the next epoch's last.pt replaces the name, never best.pt's bytes."""
+    if not links:
+        def refuse(*args):
+            raise PermissionError("Operation not permitted")
+
+        monkeypatch.setattr(utils.os, "link", refuse)
+    best, last = tmp_path / "best.pt", tmp_path / "last.pt"
+    save_checkpoint(small_state(), last)
+    save_checkpoint({**small_state(), "epoch": 4}, best)
+    utils.link_checkpoint(best, last, {**small_state(), "epoch": 4})
+    assert load_checkpoint(last)["epoch"] == 4
+    assert best.samefile(last) == links
+    save_checkpoint({**small_state(), "epoch": 5}, last)
+    assert load_checkpoint(best)["epoch"] == 4 and load_checkpoint(last)["epoch"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
 @pytest.mark.parametrize("content, reason", [(b"", "not a readable checkpoint"), (b"hello", "not a readable"),
                                              (None, "no such checkpoint")])
 def test_unusable_checkpoints_raise_one_clear_error_naming_the_file(tmp_path, content, reason):
