@@ -3,6 +3,7 @@
 Edit the settings below, or override any of them: python train.py --NUM_EPOCHS=10 --AMP=false
 """
 import csv
+import functools
 import math
 import os
 import shutil
@@ -47,7 +48,9 @@ IMAGE_WIDTH = 240                 # pixels the model sees; Carvana's photos are 
 BATCH_SIZE = 16                   # images per optimizer step
 NUM_EPOCHS = 5                    # passes over the training images (a resumed run stops at the same total)
 LEARNING_RATE = 1e-4              # Adam's peak rate; cosine decay to 1% of it over the run
+WARMUP = 0.1                      # share of the run's steps over which the rate rises linearly to its peak (0 <= x < 1)
 HEAD_LR_FACTOR = 10.0             # the 1x1 output layer's rate as a multiple of LEARNING_RATE (>= 1; README: Training recipe)
+LOSS = "lovasz"                   # BCE plus "lovasz" (Lovasz hinge) or "dice" (soft Dice) (README: Training recipe)
 NUM_WORKERS = "auto"              # loader processes: "auto" (none on a CPU once the cache is built, enough to feed a GPU), or 0, 1, 2, ...
 PIN_MEMORY = True                 # page-locked batches: faster copies to a CUDA GPU (ignored elsewhere)
 LOAD_MODEL = False                # True: resume from CHECKPOINT_DIR/last.pt (model, optimizer, epoch, best Dice)
@@ -130,6 +133,8 @@ def check_settings(config):
     for name in ("VAL_FRACTION", "THRESHOLD"):
         if not 0 < config[name] < 1:
             fail(f"{name} must be between 0 and 1, got {config[name]}")
+    if not 0 <= config["WARMUP"] < 1:
+        fail(f"WARMUP must be at least 0 and below 1, got {config['WARMUP']}")
     if not 0 <= config["EMA_DECAY"] < 1:
         fail(f"EMA_DECAY must be at least 0 and below 1, got {config['EMA_DECAY']}")
     if not config["LEARNING_RATE"] > 0 or not math.isfinite(config["LEARNING_RATE"]):
@@ -147,6 +152,8 @@ def check_settings(config):
     if min(config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]) < smallest:
         fail(f"IMAGE_HEIGHT and IMAGE_WIDTH must be at least {smallest} for a {len(config['FEATURES'])}-level UNet, "
              f"got {config['IMAGE_HEIGHT']}x{config['IMAGE_WIDTH']}")
+    if config["LOSS"] not in ("lovasz", "dice"):
+        fail(f"LOSS must be lovasz or dice, got {config['LOSS']!r}")
     if config["AMP_DTYPE"] not in ("auto", "float16", "bfloat16"):
         fail(f"AMP_DTYPE must be auto, float16 or bfloat16, got {config['AMP_DTYPE']!r}")
     for name in ("DATA_DIR", "CHECKPOINT_DIR", "SAVED_IMAGES"):
@@ -290,9 +297,13 @@ def make_cache(samples, name, config, builder):
 
 
 def learning_rate(config, step, total_steps):
-    """Cosine decay from LEARNING_RATE to 1% of it; derived from the step, so resuming needs no state."""
+    """A linear rise over the first WARMUP of the steps, then cosine decay from LEARNING_RATE to 1% of
+    it; derived from the step, so resuming needs no state. The rise lets Adam's moment estimates and
+    BatchNorm's statistics settle before full-size steps (README: Training recipe)."""
     progress = min(1.0, step / max(1, total_steps))
-    return config["LEARNING_RATE"] * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+    warmup_steps = config["WARMUP"] * total_steps
+    rise = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    return rise * config["LEARNING_RATE"] * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def setup_distributed(config):
@@ -329,7 +340,7 @@ def train_one_epoch(loader, model, optimizer, scaler, average, config, device, a
         y = y.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             logits = model(x)
-        loss = segmentation_loss(logits.float(), y)
+        loss = segmentation_loss(logits.float(), y, config["LOSS"])
         mean = loss.detach().clone()
         if distributed:  # every process sees the same mean loss, so all stop together on NaN
             dist.all_reduce(mean)
@@ -516,7 +527,8 @@ def run(config, given, rank, world_size, device):
         last = epoch + 1 == config["NUM_EPOCHS"]
         # The last validation also picks the worst images for the gallery (one process scores them all).
         worst = WorstImages() if last and world_size == 1 else None
-        metrics = check_accuracy(val_loader, average.model, device, config["THRESHOLD"], amp_dtype, segmentation_loss,
+        loss_fn = functools.partial(segmentation_loss, kind=config["LOSS"])
+        metrics = check_accuracy(val_loader, average.model, device, config["THRESHOLD"], amp_dtype, loss_fn,
                                  worst=worst, all_ranks=world_size > 1)
         improved = metrics["dice"] > best_dice
         best_dice = max(best_dice, metrics["dice"])

@@ -104,6 +104,8 @@ def test_non_finite_weights_are_never_saved(tmp_path, synthetic_root, monkeypatc
     ("--DEVICE=gpu", "DEVICE: unknown device 'gpu'"),
     ("--DEVICE=cuda:99", "DEVICE: device 'cuda:99' does not exist here"),
     ("--EMA_DECAY=1", "EMA_DECAY must be at least 0 and below 1"),
+    ("--WARMUP=1", "WARMUP must be at least 0 and below 1"),
+    ("--LOSS=focal", "LOSS must be lovasz or dice"),
     ("--AMP_DTYPE=half", "AMP_DTYPE must be auto, float16 or bfloat16"),
     ("--LEARNING_RATE=0", "LEARNING_RATE must be a positive number"),
     ("--IMAGE_HEIGHT=8", "IMAGE_HEIGHT and IMAGE_WIDTH must be at least 16 for a 4-level UNet"),

@@ -1,3 +1,4 @@
+import itertools
 import math
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, synthetic_root):
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_root, monkeypatch):
     train.main(tiny_args(tmp_path, synthetic_root, 1))
-    monkeypatch.setattr(train, "segmentation_loss", lambda logits, target: logits.sum() * math.nan)
+    monkeypatch.setattr(train, "segmentation_loss", lambda logits, target, *kind: logits.sum() * math.nan)
     with pytest.raises(SystemExit, match=r"loss became nan at epoch 2, step 1.*Last good checkpoint: .*last\.pt"):
         train.main(tiny_args(tmp_path, synthetic_root, 2, "--LOAD_MODEL=true"))
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
@@ -108,9 +109,17 @@ def test_no_data_without_demo_is_an_error(tmp_path, monkeypatch):
 
 
 def test_learning_rate_decays_from_peak_to_one_percent():
-    config = {"LEARNING_RATE": 1e-3}
+    config = {"LEARNING_RATE": 1e-3, "WARMUP": 0}
     rates = [train.learning_rate(config, step, 100) for step in (0, 50, 100)]
     assert rates == pytest.approx([1e-3, 0.505e-3, 1e-5])
+
+
+def test_learning_rate_rises_linearly_over_the_warmup_then_follows_the_cosine():
+    config = {"LEARNING_RATE": 1e-3, "WARMUP": 0.1}
+    rates = [train.learning_rate(config, step, 200) for step in range(200)]
+    assert rates[0] == pytest.approx(1e-3 / 20 * train.learning_rate({**config, "WARMUP": 0}, 0, 200) / 1e-3)
+    assert all(later > earlier for earlier, later in itertools.pairwise(rates[:20]))  # rising for 20 steps
+    assert rates[19:] == pytest.approx([train.learning_rate({**config, "WARMUP": 0}, step, 200) for step in range(19, 200)])
 
 
 def test_importing_train_does_nothing(tmp_path, monkeypatch):

@@ -143,3 +143,21 @@ def test_seed_everything_repeats_random_draws():
     first = (np.random.rand(), torch.rand(1).item())
     utils.seed_everything(7)
     assert (np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_lovasz_hinge_is_zero_for_sure_right_masks_and_grows_with_the_wrong_pixels():
+    target = torch.zeros(3, 1, 20, 30)
+    target[0, :, 5:15, 5:25] = 1
+    target[2] = 1  # image 1 has no car, image 2 is all car
+    sure = (2 * target - 1) * 30
+    assert utils.lovasz_hinge(sure, target).item() < 1e-6
+    losses = []
+    for wrong in (10, 40, 120):  # pixels of image 0's car called background
+        logits = sure.clone()
+        logits[0, 0].view(-1)[(target[0, 0].view(-1) > 0).nonzero()[:wrong, 0]] = -30
+        losses.append(utils.lovasz_hinge(logits, target).item())
+    assert 0 < losses[0] < losses[1] < losses[2]
+    logits = torch.zeros(3, 1, 20, 30, requires_grad=True)
+    utils.lovasz_hinge(logits, target * 0.9).backward()  # soft targets are binarised at a half
+    assert torch.isfinite(logits.grad).all() and (logits.grad[target > 0] < 0).all()
+    assert torch.isfinite(utils.segmentation_loss(logits, target, "dice"))
