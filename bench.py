@@ -238,7 +238,7 @@ def main(argv=None):
     ceilings = {torch.float32: matmul_ceiling(device, torch.float32)}
     if fast_dtype is not None:
         ceilings[fast_dtype] = matmul_ceiling(device, fast_dtype)
-    fast = f"{fast_dtype or 'float32'} autocast, channels-last"
+    fast = f"{fast_dtype} autocast, channels-last" if fast_dtype else "float32, channels-last"
     paths = [("float32, NCHW", None, False, False, plain_layers), (f"{fast}, transposed convolutions, per-weight Adam",
                                                                     fast_dtype, True, False, plain_layers),
              (fast, fast_dtype, True, False, contextlib.nullcontext)]
@@ -258,7 +258,7 @@ def main(argv=None):
         rows.append(("  peak memory", f"{peak / 2**30:.2f} GiB", ""))
     for dtype, ceiling in ceilings.items():
         rows.append((f"matmul ceiling {dtype} (4096^3)", f"{ceiling / 1e9:.0f} GFLOP/s", ""))
-    rows.append((f"inference {fast_dtype or 'float32'} autocast, channels-last",
+    rows.append((f"inference {fast}",
                  f"{inference_rate(args, device, features, fast_dtype):.1f} img/s", ""))
     if args.epoch:
         rows += epoch_rows(args, features, step_rate)

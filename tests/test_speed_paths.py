@@ -22,7 +22,7 @@ def test_bench_prints_every_row(capsys):
                 "--features", "4,8", "--no-compile"])
     table = capsys.readouterr().out
     for row in ("data full decode + resize", "data reduced JPEG decode", "data cache (", "train float32, NCHW",
-                "autocast, channels-last", "share of torch.float32 matmul ceiling", "peak memory",
+                ", channels-last |", "share of torch.float32 matmul ceiling", "peak memory",
                 "matmul ceiling torch.float32", "inference"):
         assert row in table, row
     assert table.count("\n| ") >= 11
