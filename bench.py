@@ -33,7 +33,7 @@ def parse_args(argv):
     parser.add_argument("--features", default="64,128,256,512", help="UNet widths (train.py's FEATURES)")
     parser.add_argument("--data", help="a Carvana-layout folder to read instead of generated 1918x1280 images")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (saves ~40 s on CPU)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (saves a minute or more on CPU)")
     parser.add_argument("--epoch", metavar="DIR", help="time one train.py epoch on DIR before and after")
     return parser.parse_args(argv)
 
@@ -203,9 +203,11 @@ def epoch_rows(args, features, step_rate):
         cache = f"--CACHE_DIR={folder}/cache"
         first, _ = epoch_run(args, features, [cache], f"{folder}/1")
         ready, loop_rate = epoch_run(args, features, [cache], f"{folder}/2")
-        compiled, _ = epoch_run(args, features, [cache, "--COMPILE=true"], f"{folder}/3")
         runs = [("before: NCHW, full decode every epoch", before), ("after, first run (builds the cache)", first),
-                ("after, cache ready", ready), ("after, cache ready, COMPILE=true", compiled)]
+                ("after, cache ready", ready)]
+        if not args.no_compile:
+            compiled, _ = epoch_run(args, features, [cache, "--COMPILE=true"], f"{folder}/3")
+            runs.append(("after, cache ready, COMPILE=true", compiled))
         rows += [(f"train.py 1-epoch run, {name}", f"{seconds:.0f} s", f"{before / seconds:.2f}x")
                  for name, seconds in runs]
         rows.append(("  training loop of that run (cache ready), share of the step rate above",

@@ -26,3 +26,15 @@ def test_bench_prints_every_row(capsys):
                 "matmul ceiling torch.float32", "inference"):
         assert row in table, row
     assert table.count("\n| ") >= 11
+
+
+def test_bench_epoch_rows_compare_the_whole_loop_with_the_step(capsys, synthetic_root):
+    bench.main(["--height", "32", "--width", "48", "--batch", "2", "--steps", "1", "--images", "3",
+                "--features", "4,8", "--no-compile", "--epoch", str(synthetic_root)])
+    table = capsys.readouterr().out
+    for row in ("train.py 1-epoch run, before", "train.py 1-epoch run, after, cache ready",
+                "training loop of that run (cache ready), share of the step rate"):
+        assert row in table, row
+    assert "COMPILE=true" not in table  # --no-compile skips the compiled epoch too
+    share = next(line for line in table.splitlines() if "share of the step rate" in line)
+    assert float(share.split("|")[-2].strip().rstrip("%")) > 0
