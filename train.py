@@ -47,8 +47,8 @@ IMAGE_HEIGHT = 160                # pixels the model sees; Carvana's photos are 
 IMAGE_WIDTH = 240                 # pixels the model sees; Carvana's photos are 1918 wide
 BATCH_SIZE = 16                   # images per optimizer step
 NUM_EPOCHS = 5                    # passes over the training images (a resumed run stops at the same total)
-LEARNING_RATE = 1e-4              # Adam's peak rate; cosine decay to 1% of it over the run
-WARMUP = 0.1                      # share of the run's steps over which the rate rises linearly to its peak (0 <= x < 1)
+LEARNING_RATE = 1e-4              # Adam's rate at step 0 of the cosine decay to 1% of it over the run
+WARMUP = 0.1                      # share of the run's steps over which a linear rise scales the rate up (0 <= x < 1)
 HEAD_LR_FACTOR = 10.0             # the 1x1 output layer's rate as a multiple of LEARNING_RATE (>= 1; README: Training recipe)
 LOSS = "lovasz"                   # BCE plus "lovasz" (Lovasz hinge) or "dice" (soft Dice) (README: Training recipe)
 NUM_WORKERS = "auto"              # loader processes: "auto" (none on a CPU once the cache is built, enough to feed a GPU), or 0, 1, 2, ...
@@ -298,8 +298,9 @@ def make_cache(samples, name, config, builder):
 
 
 def learning_rate(config, step, total_steps):
-    """A linear rise over the first WARMUP of the steps, then cosine decay from LEARNING_RATE to 1% of
-    it; derived from the step, so resuming needs no state. The rise lets Adam's moment estimates and
+    """The cosine decay from LEARNING_RATE to 1% of it, scaled by a linear rise over the first WARMUP of
+    the steps (so the highest rate is the cosine's value when the rise ends, about 98% of
+    LEARNING_RATE for WARMUP 0.1); derived from the step, so resuming needs no state. The rise lets Adam's moment estimates and
     BatchNorm's statistics settle before full-size steps (README: Training recipe)."""
     progress = min(1.0, step / max(1, total_steps))
     warmup_steps = config["WARMUP"] * total_steps
@@ -425,13 +426,21 @@ def refuse_to_overwrite(checkpoints):
                          f"--LOAD_MODEL=true, or start a new run with another --CHECKPOINT_DIR")
 
 
+def resume_file(checkpoints):
+    """last.pt; or best.pt where a run was killed after its first best.pt and before any last.pt
+    (best.pt holds the same complete state, so continuing from it loses nothing)."""
+    last, best = checkpoints / "last.pt", checkpoints / "best.pt"
+    return best if best.is_file() and not last.is_file() else last
+
+
 def resume(checkpoints, model, average, optimizer, scaler, amp_dtype, device, say):
     """Continue from last.pt: weights, averaged weights, optimizer, loss scale (where it applies)."""
+    path = resume_file(checkpoints)
     try:
-        state = load_checkpoint(checkpoints / "last.pt", device)
+        state = load_checkpoint(path, device)
         saved = tuple(state["model_args"].get("features", ()))
         if saved != tuple(model.model_args["features"]):
-            raise ValueError(f"{checkpoints / 'last.pt'} holds another run's model (FEATURES={','.join(map(str, saved))},"
+            raise ValueError(f"{path} holds another run's model (FEATURES={','.join(map(str, saved))},"
                              f" this run asks for {','.join(map(str, model.model_args['features']))}); choose another "
                              f"CHECKPOINT_DIR for a new run")
         model.load_state_dict(clean_state_dict(state.get("training_model", state["model"])))
@@ -486,7 +495,7 @@ def run(config, given, rank, world_size, device):
     start_epoch, best_dice = 0, -1.0
     if config["LOAD_MODEL"]:
         start_epoch, best_dice = resume(checkpoints, model, average, optimizer, scaler, amp_dtype, device, say)
-        say(f"resumed from {checkpoints / 'last.pt'}: {start_epoch} epochs done, best Dice {best_dice:.4f}")
+        say(f"resumed from {resume_file(checkpoints)}: {start_epoch} epochs done, best Dice {best_dice:.4f}")
     if config["COMPILE"]:
         model.compile()  # in place: parameter names, and so checkpoints, stay as they are
     trained = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
@@ -567,8 +576,8 @@ def stop_without_saving(checkpoints, reason):
 
 def record_epoch(config, epoch, train_loss, metrics, started, history, state, improved):
     """Print the epoch, add it to history.csv, save best.pt (improved) and then last.pt: a run
-    killed between the two saves resumes from the older last.pt, repeats the epoch identically and
-    writes the same best.pt again, so the two files never disagree."""
+    killed between the two saves resumes from the older last.pt (from best.pt when there is none
+    yet), repeats the epoch identically and writes the same best.pt again, so the two never disagree."""
     checkpoints = Path(config["CHECKPOINT_DIR"])
     print(f"epoch {epoch + 1}/{config['NUM_EPOCHS']}: train loss {train_loss:.4f}, "
           f"val loss {metrics['loss']:.4f}, val Dice {metrics['dice']:.4f}, "

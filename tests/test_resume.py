@@ -51,6 +51,16 @@ def test_a_killed_and_resumed_run_ends_with_the_uninterrupted_runs_weights(tmp_p
     assert [row.split(",")[0] for row in rows] == ["epoch", "1", "2", "3"]
 
 
+def test_a_run_killed_after_its_first_best_pt_and_before_last_pt_resumes_from_best_pt(tmp_path, synthetic_root, capsys):
+    train.main(tiny_args(tmp_path, synthetic_root, 1))
+    (tmp_path / "checkpoints" / "last.pt").unlink()  # the kill: best.pt saved, last.pt not yet linked
+    train.main([*tiny_args(tmp_path, synthetic_root, 2), "--LOAD_MODEL=true"])
+    assert f"resumed from {tmp_path / 'checkpoints' / 'best.pt'}: 1 epochs done" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 2
+    rows = (tmp_path / "checkpoints" / "history.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows] == ["epoch", "1", "2"]
+
+
 def test_a_fresh_run_into_an_earlier_runs_folder_stops_and_keeps_it(tmp_path, synthetic_root):
     args = tiny_args(tmp_path, synthetic_root, 1)
     train.main(args)
