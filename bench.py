@@ -194,8 +194,8 @@ def epoch_run(args, features, extra, folder):
 
 def epoch_rows(args, features, step_rate):
     """One train.py epoch before (mixed precision as issue 2 asked, but NCHW, transposed convolutions,
-    per-weight Adam and full decoding every epoch) and after (channels-last, reduced decoding, cache, compile), on the same folder; and the
-    training loop's own rate next to the rate of the training step alone."""
+    per-weight Adam and full decoding every epoch) and after (channels-last, reduced decoding, cache,
+    compile), on the same folder; and the training loop's own rate next to the step's alone."""
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         with full_decoding(), plain_layers():
@@ -203,8 +203,8 @@ def epoch_rows(args, features, step_rate):
         cache = f"--CACHE_DIR={folder}/cache"
         first, _ = epoch_run(args, features, [cache], f"{folder}/1")
         ready, loop_rate = epoch_run(args, features, [cache], f"{folder}/2")
-        runs = [("before: NCHW, transposed convolutions, per-weight Adam, full decode every epoch", before), ("after, first run (builds the cache)", first),
-                ("after, cache ready", ready)]
+        runs = [("before: NCHW, transposed convolutions, per-weight Adam, full decode every epoch", before),
+                ("after, first run (builds the cache)", first), ("after, cache ready", ready)]
         if not args.no_compile:
             compiled, _ = epoch_run(args, features, [cache, "--COMPILE=true"], f"{folder}/3")
             runs.append(("after, cache ready, COMPILE=true", compiled))

@@ -298,10 +298,11 @@ def make_cache(samples, name, config, builder):
 
 
 def learning_rate(config, step, total_steps):
-    """The cosine decay from LEARNING_RATE to 1% of it, scaled by a linear rise over the first WARMUP of
-    the steps (so the highest rate is the cosine's value when the rise ends, about 98% of
-    LEARNING_RATE for WARMUP 0.1); derived from the step, so resuming needs no state. The rise lets Adam's moment estimates and
-    BatchNorm's statistics settle before full-size steps (README: Training recipe)."""
+    """The cosine decay from LEARNING_RATE to 1% of it, scaled by a linear rise over the first WARMUP
+    of the steps (so the highest rate is the cosine's value when the rise ends, about 98% of
+    LEARNING_RATE for WARMUP 0.1); derived from the step, so resuming needs no state. The rise lets
+    Adam's moment estimates and BatchNorm's statistics settle before full-size steps (README:
+    Training recipe)."""
     progress = min(1.0, step / max(1, total_steps))
     warmup_steps = config["WARMUP"] * total_steps
     rise = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
@@ -434,7 +435,8 @@ def resume_file(checkpoints):
 
 
 def resume(checkpoints, model, average, optimizer, scaler, amp_dtype, device, say):
-    """Continue from last.pt: weights, averaged weights, optimizer, loss scale (where it applies)."""
+    """Continue from last.pt (see resume_file): weights, averaged weights, optimizer, loss scale
+    (where it applies); returns (epochs done, best Dice)."""
     path = resume_file(checkpoints)
     try:
         state = load_checkpoint(path, device)
@@ -455,6 +457,7 @@ def resume(checkpoints, model, average, optimizer, scaler, amp_dtype, device, sa
     elif saved_dtype != str(amp_dtype):
         say(f"mixed precision was {saved_dtype}, now {amp_dtype}: continuing"
             f"{' with a fresh loss scale' if scaler.is_enabled() else ''}")
+    say(f"resumed from {path}: {state['epoch']} epochs done, best Dice {state['best_dice']:.4f}")
     return state["epoch"], state["best_dice"]
 
 
@@ -495,7 +498,6 @@ def run(config, given, rank, world_size, device):
     start_epoch, best_dice = 0, -1.0
     if config["LOAD_MODEL"]:
         start_epoch, best_dice = resume(checkpoints, model, average, optimizer, scaler, amp_dtype, device, say)
-        say(f"resumed from {resume_file(checkpoints)}: {start_epoch} epochs done, best Dice {best_dice:.4f}")
     if config["COMPILE"]:
         model.compile()  # in place: parameter names, and so checkpoints, stay as they are
     trained = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
