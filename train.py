@@ -6,6 +6,7 @@ import csv
 import functools
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -32,6 +33,7 @@ from utils import (
     get_device,
     link_checkpoint,
     load_checkpoint,
+    recompute_batchnorm,
     save_checkpoint,
     save_predictions_as_imgs,
     save_training_curves,
@@ -62,6 +64,7 @@ VAL_FRACTION = 0.2                # share of cars held out for validation when t
 FEATURES = (64, 128, 256, 512)    # UNet channels per level; the bottleneck has twice the last (about 31M parameters)
 THRESHOLD = 0.5                   # probability above which a pixel counts as car, between 0 and 1
 EMA_DECAY = 0.99                  # validate and save an average of the weights (0 <= decay < 1; 0: the weights as trained)
+BATCHNORM_IMAGES = 256            # training images (unaugmented) that BatchNorm's statistics are recomputed on before each validation (0: off)
 SAVED_IMAGES = "saved_images"     # folder for the prediction pictures written after training
 DEMO = True                       # DATA_DIR left at "data" and no data there: generate synthetic cars, train with DEMO_SETTINGS
 CHANNELS_LAST = True              # NHWC memory format: faster convolutions with oneDNN and cuDNN tensor cores
@@ -131,6 +134,8 @@ def check_settings(config):
     for name in ("IMAGE_HEIGHT", "IMAGE_WIDTH", "BATCH_SIZE", "NUM_EPOCHS"):
         if config[name] < 1:
             fail(f"{name} must be at least 1, got {config[name]}")
+    if config["BATCHNORM_IMAGES"] < 0:
+        fail(f"BATCHNORM_IMAGES must be 0 or more, got {config['BATCHNORM_IMAGES']}")
     for name in ("VAL_FRACTION", "THRESHOLD"):
         if not 0 < config[name] < 1:
             fail(f"{name} must be between 0 and 1, got {config[name]}")
@@ -295,6 +300,16 @@ def make_cache(samples, name, config, builder):
     if dist.is_initialized():
         dist.barrier()  # the machine's other processes wait for its builder
     return cache if cache.ready() else None
+
+
+def batchnorm_set(samples, config, cache):
+    """The training images that the validated model's BatchNorm statistics are recomputed on before
+    each validation: up to BATCHNORM_IMAGES of them, drawn once with SEED (so a resume draws the same),
+    without augmentation, as validation and predict.py see images."""
+    count = min(len(samples), config["BATCHNORM_IMAGES"]) or 1
+    chosen = sorted(random.Random(config["SEED"]).sample(range(len(samples)), count))
+    return data.CarvanaDataset([samples[i] for i in chosen], data.val_transform(),
+                               (config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]), cache)
 
 
 def learning_rate(config, step, total_steps):
@@ -513,6 +528,7 @@ def run(config, given, rank, world_size, device):
     # Each process scores every world_size-th validation image; check_accuracy adds up the sums.
     val_set = data.CarvanaDataset(val_samples[rank::world_size], data.val_transform(), size, val_cache)
     val_loader = make_loader(val_set, config, device, workers)
+    batchnorm_loader = make_loader(batchnorm_set(train_samples, config, train_cache), config, device, workers)
     total_steps = config["NUM_EPOCHS"] * len(train_loader)
     history = read_history(checkpoints / "history.csv", start_epoch)
     curves = Path(config["SAVED_IMAGES"]) / "training_curves.png"
@@ -533,6 +549,8 @@ def run(config, given, rank, world_size, device):
         trained_images += len(sampler)
         if not all_finite(average.model.state_dict().values()) or not all_finite(model.state_dict().values()):
             stop_without_saving(checkpoints, f"the weights became non-finite during epoch {epoch + 1}")
+        if rank == 0 and config["BATCHNORM_IMAGES"]:
+            recompute_batchnorm(average.model, batchnorm_loader, device, amp_dtype)
         if world_size > 1:  # every process scores the model rank 0 saves, BatchNorm statistics included
             for buffer in average.model.buffers():
                 dist.broadcast(buffer, 0)

@@ -84,6 +84,32 @@ class WeightAverage:
                 value.copy_(current[name])
 
 
+@torch.no_grad()
+def recompute_batchnorm(model, loader, device, amp_dtype=None):
+    """Replace the BatchNorm running statistics of `model` by their plain average over `loader`'s
+    batches, as torch.optim.swa_utils.update_bn does. Why: running averages lag weights that move
+    fast (the first tens of steps) and do not belong to averaged weights at all; in eval mode such
+    a model can predict no car although its weights have learned. Returns the images used."""
+    norms = [module for module in model.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    momenta = {module: module.momentum for module in norms}
+    for module in norms:
+        module.reset_running_stats()
+        module.momentum = None  # a cumulative average: every batch counts the same
+    was_training = model.training
+    model.train()
+    images = 0
+    for x, _ in loader:
+        with autocast(device, amp_dtype):
+            model(to_model_input(x, model, device))
+        images += x.shape[0]
+    for module, momentum in momenta.items():
+        module.momentum = momentum
+    model.train(was_training)
+    return images
+
+
 def to_model_input(x, model, device):
     """A batch on the device in the model's memory format (channels-last when the model is)."""
     weight = next(model.parameters())

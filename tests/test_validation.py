@@ -1,0 +1,74 @@
+"""Validation true to the weights: the printed Dice is what the saved checkpoint scores."""
+import csv
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import dataset as data
+import train
+from conftest import LEARNS, tiny_args
+from utils import autocast_dtype, check_accuracy, load_checkpoint, model_from_checkpoint, recompute_batchnorm
+
+
+def test_recompute_batchnorm_averages_the_batch_statistics_and_restores_the_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=0.1)).eval()
+    batches = [torch.randn(2, 3, 8, 8) * scale + shift for scale, shift in ((1, 0), (3, 5))]
+    loader = DataLoader(TensorDataset(torch.cat(batches), torch.zeros(4)), batch_size=2)
+    assert recompute_batchnorm(model, loader, torch.device("cpu")) == 4
+    with torch.no_grad():
+        outputs = [model[0](batch) for batch in batches]
+    means = torch.stack([out.mean((0, 2, 3)) for out in outputs]).mean(0)
+    variances = torch.stack([out.var((0, 2, 3), unbiased=True) for out in outputs]).mean(0)
+    norm = model[1]
+    assert torch.allclose(norm.running_mean, means, atol=1e-5)
+    assert torch.allclose(norm.running_var, variances, rtol=1e-4)
+    assert norm.momentum == 0.1 and not model.training
+
+
+def test_printed_dice_is_what_the_saved_checkpoint_scores(tmp_path, synthetic_root):
+    """Every epoch's best.pt/last.pt, reloaded as predict.py loads it, scores the history's Dice on
+    the validation images at the training size; also with the weight average, from epoch 1 on."""
+    args = tiny_args(tmp_path, synthetic_root, 2, *LEARNS, "--EMA_DECAY=0.99")
+    result = train.main(args)
+    config = result["config"]
+    with open(tmp_path / "checkpoints" / "history.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    model = model_from_checkpoint(state).to(memory_format=torch.channels_last)
+    _, val = train.load_samples(config)
+    loader = DataLoader(data.CarvanaDataset(val, data.val_transform(), state["image_size"]), batch_size=4)
+    device = torch.device("cpu")
+    scores = check_accuracy(loader, model, device, state["threshold"], autocast_dtype(device))  # as predict.py runs
+    assert scores["dice"] == pytest.approx(float(rows[-1]["dice"]), abs=1e-4)
+    assert float(rows[0]["dice"]) > 0.3  # the first epoch's model already predicts car
+
+
+def test_batchnorm_statistics_are_recomputed_before_each_validation(tmp_path, synthetic_root):
+    """The saved model's statistics are those of its own weights over the recomputing images; without
+    recomputing (BATCHNORM_IMAGES=0) they are the weight average's lagging running averages."""
+    args = tiny_args(tmp_path / "on", synthetic_root, 1, *LEARNS)
+    config = train.main(args)["config"]
+    state = load_checkpoint(tmp_path / "on" / "checkpoints" / "last.pt")
+    model = model_from_checkpoint(state)
+    saved = {name: value.clone() for name, value in model.state_dict().items() if "running" in name}
+    train_samples, _ = train.load_samples(config)
+    subset = train.batchnorm_set(train_samples, config, None)
+    device = torch.device("cpu")
+    recompute_batchnorm(model, DataLoader(subset, batch_size=config["BATCH_SIZE"]), device, autocast_dtype(device))
+    for name, value in model.state_dict().items():
+        if "running" in name:
+            assert torch.allclose(value, saved[name], rtol=1e-3, atol=1e-4), name
+    train.main(tiny_args(tmp_path / "off", synthetic_root, 1, *LEARNS, "--BATCHNORM_IMAGES=0"))
+    lagging = load_checkpoint(tmp_path / "off" / "checkpoints" / "last.pt")["model"]
+    assert not torch.allclose(lagging["downs.0.1.running_mean"], saved["downs.0.1.running_mean"], atol=1e-3)
+
+
+def test_the_recomputing_images_are_bounded_and_the_same_every_time():
+    samples = [data.Sample(f"car{i:03d}_01.jpg", f"car{i:03d}_01_mask.gif", 10, 10) for i in range(500)]
+    config = {**train.defaults(), "BATCHNORM_IMAGES": 256}
+    first = train.batchnorm_set(samples, config, None).samples
+    assert len(first) == 256 and first == train.batchnorm_set(samples, config, None).samples
+    assert len(train.batchnorm_set(samples[:10], config, None)) == 10
