@@ -300,7 +300,7 @@ class Scores:
 
     def __init__(self):
         self.dice, self.correct, self.pixels, self.unscored = [], 0, 0, []
-        self.by_threshold = 0.0
+        self.by_threshold, self.with_car, self.predicted_car, self.highest = 0.0, 0, 0, 0.0
         self.worst = WorstImages()
 
     def add(self, path, image, probability, mask, truth):
@@ -309,6 +309,9 @@ class Scores:
             return
         dice = dice_numpy(mask, truth)
         self.dice.append(dice)
+        self.with_car += bool(truth.any())
+        self.predicted_car += bool(mask.any())
+        self.highest = max(self.highest, float(probability.max()))
         self.correct += int((mask == truth.astype(bool)).sum())
         self.pixels += truth.size
         self.by_threshold = self.by_threshold + dice_by_threshold(probability, truth)
@@ -324,9 +327,16 @@ class Scores:
         n = len(self.dice)
         print(f"full-resolution Dice {np.mean(self.dice):.4f} (mean over {n} images), "
               f"pixel accuracy {100 * self.correct / self.pixels:.2f}%, threshold {threshold}")
-        best = int(np.argmax(self.by_threshold))
-        print(f"best threshold on these images: {THRESHOLDS[best]:.2f} (Dice {self.by_threshold[best] / n:.4f}); "
-              f"pass --threshold {THRESHOLDS[best]:.2f} to use it")
+        if self.with_car == 0:
+            print(f"warning: all {n} true masks are empty (no car), so Dice says nothing of finding cars", file=sys.stderr)
+        if self.with_car and not self.predicted_car:
+            print(f"warning: the model predicts no car on any of these {n} images (highest car probability "
+                  f"{self.highest:.2f}): it has not learned; train it longer or at a higher LEARNING_RATE, a "
+                  f"lower threshold is no cure", file=sys.stderr)
+        else:
+            best = int(np.argmax(self.by_threshold))
+            print(f"best threshold on these images: {THRESHOLDS[best]:.2f} (Dice {self.by_threshold[best] / n:.4f}); "
+                  f"pass --threshold {THRESHOLDS[best]:.2f} to use it")
         if self.worst.save(gallery):
             print(f"worst images drawn in {gallery}")
 

@@ -237,6 +237,14 @@ def load_samples(config, rank=0):
     if not train or not val:
         raise SystemExit(f"error: {config['DATA_DIR']} has {len(train)} usable training and {len(val)} validation "
                          f"images{listed}; both must be at least 1")
+    empty = set(problems.no_car)
+    why = {"training": "there is nothing to learn",
+           "validation": "Dice cannot tell a model that finds cars from one that predicts nothing"}
+    for name, samples in (("training", train), ("validation", val)):
+        if all(sample.mask in empty for sample in samples):
+            other = "" if "val" in splits else ", or hold out other cars (SEED, VAL_FRACTION)"
+            raise SystemExit(f"error: all {len(samples)} {name} masks in {config['DATA_DIR']} are empty (no car "
+                             f"pixels), so {why[name]}: add photos whose masks show the car{other}")
     return train, val
 
 
@@ -560,8 +568,9 @@ def run(config, given, rank, world_size, device):
         loss_fn = functools.partial(segmentation_loss, kind=config["LOSS"])
         metrics = check_accuracy(val_loader, average.model, device, config["THRESHOLD"], amp_dtype, loss_fn,
                                  worst=worst, all_ranks=world_size > 1)
-        improved = metrics["dice"] > best_dice
-        best_dice = max(best_dice, metrics["dice"])
+        # A model that predicts no car anywhere is never a best, whatever Dice an empty mask scores.
+        improved = predicts_car(metrics) and metrics["dice"] > best_dice
+        best_dice = metrics["dice"] if improved else best_dice
         if rank == 0:
             record_epoch(config, epoch, train_loss, metrics, started, history,
                          checkpoint_state(model, average, optimizer, scaler, amp_dtype, epoch + 1, best_dice, config),
@@ -582,7 +591,10 @@ def run(config, given, rank, world_size, device):
         if not curves.exists() and history:
             save_training_curves(history, curves)
         gallery = worst.save(Path(config["SAVED_IMAGES"]) / "worst_predictions.png")
-        print(f"best validation Dice {best_dice:.4f}; checkpoints and history.csv in {checkpoints}/; "
+        outcome = (f"best validation Dice {best_dice:.4f}" if best_dice >= 0 else
+                   "no epoch's model predicted any car, so there is no best.pt (last.pt holds the last weights): "
+                   "train longer (NUM_EPOCHS) or raise LEARNING_RATE")
+        print(f"{outcome}; checkpoints and history.csv in {checkpoints}/; "
               f"{len(written)} prediction pictures, {curves.name} and {gallery.name} in {config['SAVED_IMAGES']}/")
     return {"best_dice": best_dice, "last": metrics, "config": config,
             "train_images_per_second": trained_images / train_seconds if train_seconds else None}
@@ -594,6 +606,11 @@ def stop_without_saving(checkpoints, reason):
                      f"{kept if kept.is_file() else 'none yet'}. Try a lower LEARNING_RATE.") from None
 
 
+def predicts_car(metrics):
+    """Whether the validated model predicts car on some photo (always true when no mask has car)."""
+    return metrics["images_predicted_car"] > 0 or metrics["images_with_car"] == 0
+
+
 def record_epoch(config, epoch, train_loss, metrics, started, history, state, improved):
     """Print the epoch, add it to history.csv, save best.pt (improved) and then last.pt: a run
     killed between the two saves resumes from the older last.pt (from best.pt when there is none
@@ -602,6 +619,10 @@ def record_epoch(config, epoch, train_loss, metrics, started, history, state, im
     print(f"epoch {epoch + 1}/{config['NUM_EPOCHS']}: train loss {train_loss:.4f}, "
           f"val loss {metrics['loss']:.4f}, val Dice {metrics['dice']:.4f}, "
           f"pixel accuracy {100 * metrics['pixel_accuracy']:.2f}% ({time.time() - started:.0f}s)")
+    if not predicts_car(metrics):
+        print(f"  the model predicts no car on any of the {metrics['images']} validation photos (highest car "
+              f"probability {metrics['highest_probability']:.2f}, THRESHOLD {config['THRESHOLD']}), so it is not "
+              f"saved as best.pt: it has not learned yet; train longer (NUM_EPOCHS) or raise LEARNING_RATE")
     history.append({"epoch": epoch + 1, "train_loss": f"{train_loss:.5f}", "val_loss": f"{metrics['loss']:.5f}",
                     "dice": f"{metrics['dice']:.5f}", "pixel_accuracy": f"{metrics['pixel_accuracy']:.5f}",
                     "learning_rate": f"{state['optimizer']['param_groups'][0]['lr']:.3g}",

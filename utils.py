@@ -157,13 +157,16 @@ def dice_by_threshold(probability, truth):
 
 @torch.no_grad()
 def check_accuracy(loader, model, device, threshold=0.5, amp_dtype=None, loss_fn=None, worst=None, all_ranks=False):
-    """Mean per-image Dice, pixel accuracy and (with loss_fn) mean loss over a loader.
-    With a WorstImages `worst`, also collects the lowest-Dice images (the loader must not shuffle).
-    With all_ranks, each torchrun process scores its share and the sums are added over processes."""
+    """Mean per-image Dice, pixel accuracy and (with loss_fn) mean loss over a loader, and what tells
+    a model that learned nothing: the images whose truth has car, those where car is predicted, and
+    the highest car probability. With a WorstImages `worst`, also collects the lowest-Dice images
+    (the loader must not shuffle). With all_ranks, each torchrun process scores its share and the
+    sums are added over processes."""
     names = iter(Path(sample.image).name for sample in loader.dataset.samples) if worst is not None else None
     was_training = model.training
     model.eval()
-    dice_sum, images, correct, pixels, loss_sum = 0.0, 0, 0, 0, 0.0
+    dice_sum, images, correct, pixels, loss_sum, with_car, predicted_car = 0.0, 0, 0, 0, 0.0, 0, 0
+    highest = torch.zeros((), device=device)
     for x, y in loader:
         x = to_model_input(x, model, device)
         y = y.to(device, non_blocking=True)
@@ -172,8 +175,12 @@ def check_accuracy(loader, model, device, threshold=0.5, amp_dtype=None, loss_fn
         logits = logits.float()
         if loss_fn is not None:
             loss_sum += loss_fn(logits, y).item() * x.shape[0]
-        prediction = torch.sigmoid(logits) > threshold
+        probability = torch.sigmoid(logits)
+        highest = torch.maximum(highest, probability.max())
+        prediction = probability > threshold
         target = y > 0.5
+        with_car += target.flatten(1).any(1).sum().item()
+        predicted_car += prediction.flatten(1).any(1).sum().item()
         scores = dice_per_image(prediction, target)
         dice_sum += scores.sum().item()
         if worst is not None:
@@ -185,13 +192,16 @@ def check_accuracy(loader, model, device, threshold=0.5, amp_dtype=None, loss_fn
         images += x.shape[0]
     model.train(was_training)
     if all_ranks:
-        sums = torch.tensor([dice_sum, images, correct, pixels, loss_sum], dtype=torch.float64, device=device)
+        sums = torch.tensor([dice_sum, images, correct, pixels, loss_sum, with_car, predicted_car],
+                            dtype=torch.float64, device=device)
         torch.distributed.all_reduce(sums)
-        dice_sum, images, correct, pixels, loss_sum = sums.tolist()
+        torch.distributed.all_reduce(highest, torch.distributed.ReduceOp.MAX)
+        dice_sum, images, correct, pixels, loss_sum, with_car, predicted_car = sums.tolist()
     if images == 0:
         raise ValueError("the validation loader yielded no images")
     return {"dice": dice_sum / images, "pixel_accuracy": correct / pixels, "loss": loss_sum / images,
-            "images": images}
+            "images": int(images), "images_with_car": int(with_car), "images_predicted_car": int(predicted_car),
+            "highest_probability": highest.item()}
 
 
 def dice_loss(logits, target, eps=1.0):

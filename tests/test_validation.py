@@ -72,3 +72,49 @@ def test_the_recomputing_images_are_bounded_and_the_same_every_time():
     first = train.batchnorm_set(samples, config, None).samples
     assert len(first) == 256 and first == train.batchnorm_set(samples, config, None).samples
     assert len(train.batchnorm_set(samples[:10], config, None)) == 10
+
+
+def test_a_model_that_predicts_no_car_is_said_so_and_never_saved_as_best(tmp_path, synthetic_root, capsys):
+    # At a threshold of 0.999 a one-epoch model finds no car pixel anywhere.
+    result = train.main(tiny_args(tmp_path, synthetic_root, 1, "--THRESHOLD=0.999"))
+    out = capsys.readouterr().out
+    assert "the model predicts no car on any of the 4 validation photos (highest car probability" in out
+    assert "train longer (NUM_EPOCHS) or raise LEARNING_RATE" in out and "new best" not in out
+    assert not (tmp_path / "checkpoints" / "best.pt").exists() and (tmp_path / "checkpoints" / "last.pt").exists()
+    assert "no epoch's model predicted any car, so there is no best.pt" in out and result["best_dice"] < 0
+
+
+def test_predict_says_when_the_model_finds_no_car(tmp_path, synthetic_root, capsys):
+    import predict
+
+    train.main(tiny_args(tmp_path, synthetic_root, 1, "--THRESHOLD=0.999"))
+    capsys.readouterr()
+    status = predict.main(["--checkpoint", str(tmp_path / "checkpoints" / "last.pt"), "--input",
+                           str(tmp_path / "checkpoints" / "val_files.txt"), "--masks",
+                           str(synthetic_root / "train_masks"), "--no-images", "--workers=0"])
+    captured = capsys.readouterr()
+    assert status == 0 and "the model predicts no car on any of these 4 images" in captured.err
+    assert "pass --threshold" not in captured.out
+
+
+def test_all_empty_validation_masks_are_an_error_not_dice_one(tmp_path, synthetic_root):
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for side, images in (("train", sorted((synthetic_root / "train").glob("*.jpg"))[:8]),
+                         ("val", sorted((synthetic_root / "train").glob("*.jpg"))[8:12])):
+        (root / f"{side}_images").mkdir(parents=True)
+        (root / f"{side}_masks").mkdir()
+        for image in images:
+            shutil.copy(image, root / f"{side}_images" / image.name)
+            mask = synthetic_root / "train_masks" / f"{image.stem}_mask.gif"
+            if side == "train":
+                shutil.copy(mask, root / "train_masks" / mask.name)
+            else:
+                Image.fromarray(np.zeros_like(np.asarray(Image.open(mask)))).save(root / "val_masks" / f"{image.stem}.png")
+    with pytest.raises(SystemExit, match=r"all 4 validation masks in .* are empty \(no car pixels\), so Dice cannot tell"):
+        train.main(tiny_args(tmp_path, root, 1))
+    assert not (tmp_path / "checkpoints").exists()
