@@ -42,9 +42,11 @@ class UNet(nn.Module):
             self.downs.append(DoubleConv(channels, width))
             channels = width
         self.bottleneck = DoubleConv(features[-1], features[-1] * 2)
-        for width in reversed(features):
-            self.ups.append(nn.ConvTranspose2d(width * 2, width, kernel_size=2, stride=2))
+        channels = features[-1] * 2
+        for width in reversed(features):  # widths need not double from level to level
+            self.ups.append(nn.ConvTranspose2d(channels, width, kernel_size=2, stride=2))
             self.up_convs.append(DoubleConv(width * 2, width))
+            channels = width
         self.head = nn.Conv2d(features[0], out_channels, kernel_size=1)
         self.pool = nn.MaxPool2d(2, 2)
 

@@ -84,3 +84,9 @@ def test_models_with_both_memory_layouts_give_the_same_logits():
         model.to(memory_format=torch.channels_last)
         got = model(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("features", [(4, 8, 8), (16, 8), (6, 10, 12)])
+def test_widths_that_do_not_double_work_too(features):
+    model = UNet(features=features)
+    assert model(torch.randn(2, 3, 32, 48)).shape == (2, 1, 32, 48)
