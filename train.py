@@ -407,13 +407,13 @@ def write_history(rows, path):
     temporary.replace(path)
 
 
-def checkpoint_state(model, average, optimizer, scaler, amp_dtype, epoch, best_dice, config):
+def checkpoint_state(model, average, optimizer, scaler, amp_dtype, epoch, best_dice, config, split):
     """One dict: `model` holds the averaged weights that were validated (what predict.py uses),
     `training_model` the weights the optimizer steps (what a resume continues)."""
     return {"model": average.model.state_dict(), "training_model": model.state_dict(), "average_steps": average.steps,
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "amp_dtype": str(amp_dtype),
             "epoch": epoch, "best_dice": best_dice, "config": config,
-            "model_args": dict(model.model_args),
+            "model_args": dict(model.model_args), "split": split,
             "image_size": (config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]), "threshold": config["THRESHOLD"]}
 
 
@@ -457,17 +457,89 @@ def resume_file(checkpoints):
     return best if best.is_file() and not last.is_file() else last
 
 
-def resume(checkpoints, model, average, optimizer, scaler, amp_dtype, device, say):
-    """Continue from last.pt (see resume_file): weights, averaged weights, optimizer, loss scale
-    (where it applies); returns (epochs done, best Dice)."""
+# A resume continues the run it resumes. These settings shape the split, the model or the optimizer:
+# they come from the checkpoint, and one given with another value is refused. DATA_DIR and NUM_EPOCHS
+# come from it unless given (the data may move; a run may be lengthened). The rest (NUM_WORKERS,
+# DEVICE, AMP, AMP_DTYPE, PIN_MEMORY, CACHE_DIR, COMPILE, SAVED_IMAGES, ...) are this session's.
+RUN_SETTINGS = ("IMAGE_HEIGHT", "IMAGE_WIDTH", "BATCH_SIZE", "LEARNING_RATE", "WARMUP", "HEAD_LR_FACTOR", "LOSS",
+                "SEED", "VAL_FRACTION", "FEATURES", "THRESHOLD", "EMA_DECAY", "BATCHNORM_IMAGES", "CHANNELS_LAST",
+                "SYNC_BATCHNORM")
+CONTINUED_SETTINGS = ("DATA_DIR", "NUM_EPOCHS")
+
+
+def shown(value):
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def setting_conflicts(config, given, saved):
+    """The settings given for a resume that differ from the run's own (saved: the checkpoint's config)."""
+    return [name for name in RUN_SETTINGS if name in given and name in saved and shown(config[name]) != shown(saved[name])]
+
+
+def read_resume_state(checkpoints, device):
+    """The state a LOAD_MODEL run continues from (see resume_file), or SystemExit saying why not."""
     path = resume_file(checkpoints)
     try:
-        state = load_checkpoint(path, device)
-        saved = tuple(state["model_args"].get("features", ()))
-        if saved != tuple(model.model_args["features"]):
-            raise ValueError(f"{path} holds another run's model (FEATURES={','.join(map(str, saved))},"
-                             f" this run asks for {','.join(map(str, model.model_args['features']))}); choose another "
-                             f"CHECKPOINT_DIR for a new run")
+        return path, load_checkpoint(path, device)
+    except CheckpointError as error:
+        raise SystemExit(f"error: cannot resume (LOAD_MODEL): {str(error).splitlines()[0]}") from None
+
+
+def continue_settings(config, given, path, saved, say):
+    """The settings of a resumed run: its own (RUN_SETTINGS, CONTINUED_SETTINGS unless given) and this
+    session's for the rest. A run setting given with another value is a one-line error naming it."""
+    conflicts = setting_conflicts(config, given, saved)
+    if conflicts:
+        what = "model" if conflicts == ["FEATURES"] else "settings"
+        listed = "; ".join(f"{name}={shown(saved[name])}, this run asks for {shown(config[name])}" for name in conflicts)
+        raise SystemExit(f"error: cannot resume (LOAD_MODEL): {path} holds another run's {what} ({listed}); resume "
+                         f"without changing them, or start a new run with another --CHECKPOINT_DIR")
+    kept = {name: saved[name] for name in (*RUN_SETTINGS, *CONTINUED_SETTINGS) if name in saved and name not in given}
+    changed = [f"{name}={shown(value)}" for name, value in kept.items() if shown(value) != shown(config[name])]
+    if changed:
+        say(f"continuing {path}'s run with its own settings: {', '.join(changed)}")
+    return {**config, **kept}
+
+
+def split_names(train_samples, val_samples):
+    """The split as file names (recorded in checkpoints: the folder may move, the photos may not change)."""
+    return {"train": sorted(Path(s.image).name for s in train_samples),
+            "val": sorted(Path(s.image).name for s in val_samples)}
+
+
+def check_same_photos(path, saved_split, train_samples, val_samples):
+    """SystemExit when the photos of a resumed run's split have changed: a new split would validate on
+    photos the run trained on."""
+    if not saved_split:
+        return  # checkpoints older than the split record
+    now = split_names(train_samples, val_samples)
+    for side in ("train", "val"):
+        before = set(saved_split[side])
+        if set(now[side]) != before:
+            added, gone = len(set(now[side]) - before), len(before - set(now[side]))
+            raise SystemExit(f"error: cannot resume (LOAD_MODEL): the {side} photos differ from {path}'s run "
+                             f"({added} new, {gone} gone): the data changed since it started, so validation would "
+                             f"mix with training; restore the photos, or start a new run with another --CHECKPOINT_DIR")
+
+
+def resume_conflicts(argv):
+    """The settings in argv that differ from those of the run in its CHECKPOINT_DIR ([] when there is
+    no checkpoint there): the notebook resumes only the same run."""
+    config, given = parse_settings(argv)
+    path = resume_file(Path(config["CHECKPOINT_DIR"]))
+    if not path.is_file():
+        return []
+    try:
+        saved = load_checkpoint(path)["config"]
+    except CheckpointError:
+        return ["(unreadable checkpoint)"]
+    return setting_conflicts(config, given, saved)
+
+
+def resume(path, state, model, average, optimizer, scaler, amp_dtype, say):
+    """Continue from a checkpoint's state: weights, averaged weights, optimizer, loss scale (where it
+    applies); returns (epochs done, best Dice)."""
+    try:
         model.load_state_dict(clean_state_dict(state.get("training_model", state["model"])))
         average.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -502,10 +574,16 @@ def run(config, given, rank, world_size, device):
     seed_everything(config["SEED"])
     amp_dtype = autocast_dtype(device, config["AMP_DTYPE"]) if config["AMP"] else None
     checkpoints = Path(config["CHECKPOINT_DIR"])
+    resume_path, saved = read_resume_state(checkpoints, device) if config["LOAD_MODEL"] else (None, None)
+    if saved:
+        config = continue_settings(config, given, resume_path, saved.get("config", {}), say)
+        seed_everything(config["SEED"])
+    config = prepare_data(config, given, rank)  # the data folder is checked before the checkpoint folder
     if not config["LOAD_MODEL"]:
         refuse_to_overwrite(checkpoints)
-    config = prepare_data(config, given, rank)
     train_samples, val_samples = load_samples(config, rank)
+    if saved:
+        check_same_photos(resume_path, saved.get("split"), train_samples, val_samples)
     height, width = config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]
     say(f"device {device}{f' x {world_size} processes' if world_size > 1 else ''}, mixed precision "
         f"{amp_dtype or 'off'}, {len(train_samples)} training and {len(val_samples)} validation images "
@@ -519,8 +597,9 @@ def run(config, given, rank, world_size, device):
     # Loss scaling is needed only for float16; bfloat16 has float32's range.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_epoch, best_dice = 0, -1.0
-    if config["LOAD_MODEL"]:
-        start_epoch, best_dice = resume(checkpoints, model, average, optimizer, scaler, amp_dtype, device, say)
+    if saved:
+        start_epoch, best_dice = resume(resume_path, saved, model, average, optimizer, scaler, amp_dtype, say)
+        del saved  # its tensors: the model, average and optimizer hold copies now
     if config["COMPILE"]:
         model.compile()  # in place: parameter names, and so checkpoints, stay as they are
     trained = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
@@ -538,6 +617,7 @@ def run(config, given, rank, world_size, device):
     val_loader = make_loader(val_set, config, device, workers)
     batchnorm_loader = make_loader(batchnorm_set(train_samples, config, train_cache), config, device, workers)
     total_steps = config["NUM_EPOCHS"] * len(train_loader)
+    split = split_names(train_samples, val_samples)
     history = read_history(checkpoints / "history.csv", start_epoch)
     curves = Path(config["SAVED_IMAGES"]) / "training_curves.png"
     if rank == 0:
@@ -573,7 +653,8 @@ def run(config, given, rank, world_size, device):
         best_dice = metrics["dice"] if improved else best_dice
         if rank == 0:
             record_epoch(config, epoch, train_loss, metrics, started, history,
-                         checkpoint_state(model, average, optimizer, scaler, amp_dtype, epoch + 1, best_dice, config),
+                         checkpoint_state(model, average, optimizer, scaler, amp_dtype, epoch + 1, best_dice, config,
+                                          split),
                          improved)
             # Matplotlib takes most of a second per drawing: redraw while training at most once a minute.
             if last or time.time() - curves_drawn > 60:

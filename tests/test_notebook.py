@@ -78,6 +78,14 @@ def test_run_all_trains_the_demo_then_a_rerun_continues(tmp_path, monkeypatch):
     assert "last.pt exists: continuing that run (--LOAD_MODEL=true)" in printed
     assert "resumed from" in printed
 
+    # Other settings are another run: it goes to a folder of its own and the first run is kept.
+    before = (repository / "checkpoints" / "last.pt").read_bytes()
+    monkeypatch.setenv("CARVANA_NOTEBOOK_SETTINGS", json.dumps({**SMALL, "FEATURES": [4, 8, 8]}))
+    printed = "".join(outputs(run_notebook(repository), "text"))
+    assert "holds another run (FEATURES differ): this run goes to checkpoints-2/" in printed
+    assert (repository / "checkpoints-2" / "last.pt").is_file()
+    assert (repository / "checkpoints" / "last.pt").read_bytes() == before
+
 
 def test_notebook_opened_alone_says_what_to_do(tmp_path):
     shutil.copy(NOTEBOOK, tmp_path)  # no code beside it and no REPOSITORY set

@@ -149,3 +149,50 @@ def test_resuming_another_runs_model_says_so(tmp_path, synthetic_root):
     train.main(tiny_args(tmp_path, synthetic_root, 1))
     with pytest.raises(SystemExit, match=r"cannot resume.*another run's model \(FEATURES=4,8, this run asks for 4,8,16\)"):
         train.main([*tiny_args(tmp_path, synthetic_root, 2), "--FEATURES=4,8,16", "--LOAD_MODEL=true"])
+
+
+@pytest.mark.parametrize("changed", ["--SEED=7", "--HEAD_LR_FACTOR=1", "--VAL_FRACTION=0.5", "--LOSS=dice"])
+def test_a_resume_that_would_change_the_split_model_or_optimizer_is_refused(tmp_path, synthetic_root, changed):
+    train.main(tiny_args(tmp_path, synthetic_root, 1))
+    before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    name = changed[2:].split("=")[0]
+    with pytest.raises(SystemExit, match=rf"cannot resume.*holds another run's settings \({name}=.*this run asks for"
+                                         rf".*another --CHECKPOINT_DIR") as error:
+        train.main([*tiny_args(tmp_path, synthetic_root, 2), changed, "--LOAD_MODEL=true"])
+    assert "\n" not in str(error.value) and (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_a_resume_keeps_the_runs_own_settings_and_length_when_they_are_not_given(tmp_path, synthetic_root, capsys):
+    first = tiny_args(tmp_path, synthetic_root, 2, "--SEED=3", "--EMA_DECAY=0.5")
+    with pytest.MonkeyPatch.context() as patch:
+        killed_after_first_epoch(patch)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(first)
+    bare = [f"--CHECKPOINT_DIR={tmp_path / 'checkpoints'}", f"--CACHE_DIR={tmp_path / 'cache'}",
+            f"--SAVED_IMAGES={tmp_path / 'saved_images'}", "--NUM_WORKERS=0", "--LOAD_MODEL=true"]
+    result = train.main(bare)
+    out = capsys.readouterr().out
+    assert "with its own settings:" in out and "SEED=3" in out and "FEATURES=4,8" in out
+    config = result["config"]
+    assert (config["SEED"], config["EMA_DECAY"], config["NUM_EPOCHS"], config["FEATURES"]) == (3, 0.5, 2, (4, 8))
+    assert config["DATA_DIR"] == str(synthetic_root) and load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_a_resume_refuses_when_the_photos_changed(tmp_path, synthetic_root):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    train.main(tiny_args(tmp_path, data, 1))
+    for path in sorted((data / "train").glob("*.jpg"))[:4]:  # one car's photos gone
+        path.unlink()
+    with pytest.raises(SystemExit, match=r"photos differ from .*last.pt's run \(0 new, 4 gone\)"):
+        train.main([*tiny_args(tmp_path, data, 2), "--LOAD_MODEL=true"])
+
+
+def test_the_notebook_can_ask_whether_a_checkpoint_holds_the_same_run(tmp_path, synthetic_root):
+    train.main(tiny_args(tmp_path, synthetic_root, 1))
+    assert train.resume_conflicts(tiny_args(tmp_path, synthetic_root, 3, "--DEVICE=cpu")) == []
+    assert train.resume_conflicts(tiny_args(tmp_path, synthetic_root, 1, "--FEATURES=4,8,16", "--SEED=1")) == [
+        "SEED", "FEATURES"]
+    assert train.resume_conflicts(tiny_args(tmp_path / "elsewhere", synthetic_root, 1)) == []
