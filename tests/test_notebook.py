@@ -125,3 +125,16 @@ def test_kaggle_step_downloads_and_unzips_the_data(tmp_path, monkeypatch, synthe
         assert sorted(p.name for p in (repository / "data" / name).iterdir()) == \
             sorted(p.name for p in (synthetic_root / name).iterdir())
     assert sorted(p.name for p in (repository / "data").iterdir()) == ["train", "train_masks"]  # zips removed
+
+
+def test_the_settings_cell_starts_from_train_py_defaults():
+    """Values equal to train.py's are not passed on, so a stale copy would silently override the demo's."""
+    import train
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    cell = next(cell.source for cell in notebook.cells if "MORE_SETTINGS = {}" in cell.source)
+    values = {}
+    exec(cell.split("# Unattended runs")[0], {}, values)  # noqa: S102  (our own committed cell)
+    for name, value in values.items():
+        if name in train.defaults():
+            assert value == train.defaults()[name], name
