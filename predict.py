@@ -50,8 +50,8 @@ def parse_args(argv):
     parser.add_argument("--resume", action="store_true", help="continue an interrupted --submission file")
     parser.add_argument("--no-images", action="store_true", help="write no mask or overlay files (submissions)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    parser.add_argument("--workers", type=int, help="processes decoding images (0: none; default: one fewer than "
-                                                     "the CPU cores, or up to 8 with a GPU)")
+    parser.add_argument("--workers", type=int, help="processes decoding images (0: none; default: a quarter of "
+                                                     "the CPU cores, at least 1, or up to 8 with a GPU)")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     parser.add_argument("--no-amp", action="store_true", help="run in float32 even where mixed precision is available")
     args = parser.parse_args(argv)

@@ -1,12 +1,18 @@
 """Train the UNet on Carvana car masks.
 
-Edit the settings below, or override any of them: python train.py --NUM_EPOCHS=10 --AMP=false
+python train.py                               # the demo, on generated cars, when data/ is empty
+python train.py --DATA_DIR=path/to/photos     # your own folder (README: Data layouts)
+
+The settings are the constants at the top of train.py: edit them there, or override any of them as
+--NAME=value (python train.py --NUM_EPOCHS=10 --AMP=false).
 """
 import csv
+import difflib
 import functools
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -33,6 +39,7 @@ from utils import (
     get_device,
     link_checkpoint,
     load_checkpoint,
+    make_run_folder,
     recompute_batchnorm,
     save_checkpoint,
     save_predictions_as_imgs,
@@ -48,7 +55,7 @@ CHECKPOINT_DIR = "checkpoints"    # last.pt every epoch, best.pt on a new best D
 IMAGE_HEIGHT = 160                # pixels the model sees; Carvana's photos are 1280 high
 IMAGE_WIDTH = 240                 # pixels the model sees; Carvana's photos are 1918 wide
 BATCH_SIZE = 8                    # images per optimizer step (README: Training recipe)
-NUM_EPOCHS = 5                    # passes over the training images (a resumed run stops at the same total)
+NUM_EPOCHS = 5                    # passes over the training images (a resume keeps the run's own unless given)
 LEARNING_RATE = 3e-4              # Adam's rate at step 0 of the cosine decay to 1% of it over the run
 WARMUP = 0.1                      # share of the run's steps over which a linear rise scales the rate up (0 <= x < 1)
 HEAD_LR_FACTOR = 10.0             # the 1x1 output layer's rate as a multiple of LEARNING_RATE (>= 1; README: Training recipe)
@@ -65,7 +72,7 @@ FEATURES = (64, 128, 256, 512)    # UNet channels per level; the bottleneck has 
 THRESHOLD = 0.5                   # probability above which a pixel counts as car, between 0 and 1
 EMA_DECAY = 0.99                  # validate and save an average of the weights (0 <= decay < 1; 0: the weights as trained)
 BATCHNORM_IMAGES = 256            # training images (unaugmented) that BatchNorm's statistics are recomputed on before each validation (0: off)
-SAVED_IMAGES = "saved_images"     # folder for the prediction pictures written after training
+SAVED_IMAGES = "saved_images"     # pictures of a run go to SAVED_IMAGES/<CHECKPOINT_DIR's name>/ (curves, predictions)
 DEMO = True                       # DATA_DIR left at "data" and no data there: generate synthetic cars, train with DEMO_SETTINGS
 CHANNELS_LAST = True              # NHWC memory format: faster convolutions with oneDNN and cuDNN tensor cores
 CACHE_DIR = "cache"               # decoded, resized uint8 copies of the data, made once (local disk); "" decodes every epoch
@@ -84,6 +91,13 @@ TRUE_WORDS, FALSE_WORDS = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"
 
 def defaults():
     return {name: globals()[name] for name in SETTING_NAMES}
+
+
+def setting_meanings():
+    """{name: its comment} from the settings block at the top of this file, the one place they are written."""
+    block = Path(__file__).read_text().split("# ---- settings")[1].split("\n# ----")[0]
+    found = (re.match(r"([A-Z_]+) = .*?  # (.*)", line) for line in block.splitlines())
+    return {match[1]: match[2].strip() for match in found if match}
 
 
 def convert(name, text, default):
@@ -111,15 +125,18 @@ def parse_settings(argv):
     for argument in argv:
         if argument in ("-h", "--help"):
             print(__doc__)
+            meanings = setting_meanings()
+            width = max(len(f"--{name}={shown(value)}") for name, value in config.items())
             for name, value in config.items():
-                shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-                print(f"  --{name}={shown}")
+                print(f"  {f'--{name}={shown(value)}':<{width}}  {meanings.get(name, '')}")
             raise SystemExit(0)
         name, equals, text = argument.removeprefix("--").partition("=")
         if not argument.startswith("--") or not equals:
             raise SystemExit(f"error: expected --NAME=value, got {argument!r}")
         if name not in config:
-            raise SystemExit(f"error: unknown setting --{name}; known settings: {', '.join(config)}")
+            close = difflib.get_close_matches(name.upper(), config, n=1)
+            hint = f"did you mean --{close[0]}?" if close else "python train.py --help lists them"
+            raise SystemExit(f"error: unknown setting --{name}; {hint}")
         config[name] = convert(name, text, config[name])
         given.add(name)
     check_settings(config)
@@ -222,6 +239,7 @@ def load_samples(config, rank=0):
     if rank == 0:
         data.report_problems(problems)
         if config["CACHE_DIR"]:
+            make_run_folder(config["CACHE_DIR"])
             checks.save()
     listed = " (the skipped files are listed above)" if problems else ""
     if "val" not in splits:
@@ -298,7 +316,7 @@ def make_cache(samples, name, config, builder):
         return None
     cache = data.ResizedCache(config["CACHE_DIR"], name, samples, (config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]))
     if builder and not cache.ready():
-        Path(config["CACHE_DIR"]).mkdir(parents=True, exist_ok=True)
+        make_run_folder(config["CACHE_DIR"])
         free = shutil.disk_usage(config["CACHE_DIR"]).free
         if free < 1.2 * cache.bytes_needed():
             print(f"warning: {config['CACHE_DIR']} has {free / 2**30:.1f} GiB free, the {name} cache needs "
@@ -619,9 +637,10 @@ def run(config, given, rank, world_size, device):
     total_steps = config["NUM_EPOCHS"] * len(train_loader)
     split = split_names(train_samples, val_samples)
     history = read_history(checkpoints / "history.csv", start_epoch)
-    curves = Path(config["SAVED_IMAGES"]) / "training_curves.png"
+    pictures = pictures_folder(config)
+    curves = pictures / "training_curves.png"
     if rank == 0:
-        checkpoints.mkdir(parents=True, exist_ok=True)
+        make_run_folder(checkpoints)
         # The held-out images, for `predict.py --input CHECKPOINT_DIR/val_files.txt --masks ...`.
         (checkpoints / "val_files.txt").write_text("".join(f"{s.image}\n" for s in val_samples))
     metrics, train_seconds, trained_images, worst, curves_drawn = None, 0.0, 0, None, time.time()
@@ -663,7 +682,7 @@ def run(config, given, rank, world_size, device):
 
     if rank == 0:
         full_val = data.CarvanaDataset(val_samples, data.val_transform(), size, val_cache)
-        written = save_predictions_as_imgs(full_val, average.model, config["SAVED_IMAGES"], device,
+        written = save_predictions_as_imgs(full_val, average.model, pictures, device, one_per_car(val_samples),
                                            threshold=config["THRESHOLD"], amp_dtype=amp_dtype)
         if worst is None:  # torchrun, or a resumed run with no epochs left: score the whole share here
             worst = WorstImages()
@@ -671,14 +690,28 @@ def run(config, given, rank, world_size, device):
                            amp_dtype, worst=worst)
         if not curves.exists() and history:
             save_training_curves(history, curves)
-        gallery = worst.save(Path(config["SAVED_IMAGES"]) / "worst_predictions.png")
+        gallery = worst.save(pictures / "worst_predictions.png")
         outcome = (f"best validation Dice {best_dice:.4f}" if best_dice >= 0 else
                    "no epoch's model predicted any car, so there is no best.pt (last.pt holds the last weights): "
                    "train longer (NUM_EPOCHS) or raise LEARNING_RATE")
         print(f"{outcome}; checkpoints and history.csv in {checkpoints}/; "
-              f"{len(written)} prediction pictures, {curves.name} and {gallery.name} in {config['SAVED_IMAGES']}/")
+              f"{len(written)} prediction pictures, {curves.name} and {gallery.name} in {pictures}/")
     return {"best_dice": best_dice, "last": metrics, "config": config,
             "train_images_per_second": trained_images / train_seconds if train_seconds else None}
+
+
+def pictures_folder(config):
+    """SAVED_IMAGES/<CHECKPOINT_DIR's name>: each run's pictures apart from other runs'."""
+    return Path(config["SAVED_IMAGES"]) / Path(config["CHECKPOINT_DIR"]).absolute().name
+
+
+def one_per_car(samples, count=4):
+    """Indices of `count` samples, one photo of each car first (then more photos where cars are few)."""
+    first = {}
+    for index, sample in enumerate(samples):
+        first.setdefault(data.car_id(sample.image), index)
+    chosen = list(first.values())[:count]
+    return chosen + [index for index in range(len(samples)) if index not in chosen][: count - len(chosen)]
 
 
 def stop_without_saving(checkpoints, reason):

@@ -236,6 +236,16 @@ def segmentation_loss(logits, target, kind="lovasz"):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: one dict; written atomically so that an interrupted save never harms the old file.
 
+def make_run_folder(folder):
+    """Create a folder for a run's files (checkpoints, caches) that git leaves out wherever it is: a
+    new folder gets a .gitignore of "*", as a virtual environment does; an existing one is left as it is."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ".gitignore").write_text("# made by train.py: git leaves this run's files out\n*\n")
+    return folder
+
+
 def save_checkpoint(state, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -332,29 +342,59 @@ def overlay(image, mask, colour=(255, 0, 0), strength=0.45):
 
 
 @torch.no_grad()
-def save_predictions_as_imgs(dataset, model, folder="saved_images", device="cpu", count=4,
+def save_predictions_as_imgs(dataset, model, folder="saved_images", device="cpu", indices=range(4),
                              threshold=0.5, amp_dtype=None):
-    """For the first `count` samples: one PNG each of image | true mask | predicted mask,
-    named after the source image. Returns the paths written."""
-    from PIL import Image
-
+    """For the samples at `indices`: one PNG each of image | true mask | predicted mask under their
+    titles, named pred_<source image>.png; earlier pred_*.png in the folder that this call did not
+    write (another split's images) are removed. Returns the paths written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
     written = []
-    for index in range(min(count, len(dataset))):
+    for index in indices:
         x, y = dataset[index]
         batch = to_model_input(x[None], model, device)
         with autocast(device, amp_dtype):
             probability = torch.sigmoid(model(batch).float())[0, 0].cpu().numpy()
         image = (x.permute(1, 2, 0).numpy().clip(0, 1) * 255).astype(np.uint8)
-        panel = np.hstack([image, mask_to_rgb(y[0].numpy()), mask_to_rgb(probability > threshold)])
-        path = folder / f"pred_{Path(dataset.samples[index].image).stem}.png"
-        Image.fromarray(panel).save(path)
+        name = Path(dataset.samples[index].image).name
+        path = folder / f"pred_{Path(name).stem}.png"
+        draw_panels([((image, mask_to_rgb(y[0].numpy()), mask_to_rgb(probability > threshold)),
+                      (name, "true mask", "predicted mask"))], path)
         written.append(path)
+    for stale in set(folder.glob("pred_*.png")) - set(written):
+        stale.unlink(missing_ok=True)
     model.train(was_training)
     return written
+
+
+def draw_panels(rows, path, gap=8, title_height=26):
+    """Save a sheet of pictures: each row a list of equally tall RGB panels and their titles, each
+    title above its panel. Drawn with Pillow: matplotlib took ~1.5 s per sheet."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=18)
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1 or without FreeType: the small bitmap font
+        font = ImageFont.load_default()
+    width = max(sum(panel.shape[1] for panel in panels) + gap * (len(panels) - 1) for panels, _ in rows)
+    heights = [max(panel.shape[0] for panel in panels) + title_height + gap for panels, _ in rows]
+    sheet = Image.new("RGB", (width, sum(heights)), "white")
+    draw = ImageDraw.Draw(sheet)
+    top = 0
+    for (panels, titles), height in zip(rows, heights):
+        left = 0
+        for panel, title in zip(panels, titles):
+            while len(title) > 1 and draw.textlength(title, font=font) > panel.shape[1] - 4:  # never over the next
+                title = title[:-2] + "…"
+            draw.text((left + 2, top + 4), title, fill="black", font=font)
+            sheet.paste(Image.fromarray(np.ascontiguousarray(panel)), (left, top + title_height))
+            left += panel.shape[1] + gap
+        top += height
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,28 +492,9 @@ class WorstImages:
 
     def save(self, path):
         """One row per image: image, truth, prediction, differences, each under its title (the file
-        name and Dice on the first). Drawn with Pillow: matplotlib took ~1.5 s per gallery."""
+        name and Dice on the first)."""
         if not self.items:
             return None
-        from PIL import Image, ImageDraw, ImageFont
-
-        try:
-            font = ImageFont.load_default(size=18)
-        except (TypeError, ImportError, OSError):  # Pillow < 10.1 or without FreeType: the small bitmap font
-            font = ImageFont.load_default()
-        gap, title_height = 8, 26
-        row_heights = [item[2].shape[0] + title_height + gap for item in self.items]
-        sheet = Image.new("RGB", (4 * self.width + 3 * gap, sum(row_heights)), "white")
-        draw = ImageDraw.Draw(sheet)
-        top = 0
-        for (name, dice, image, truth, prediction), height in zip(self.items, row_heights):
-            panels = (image, mask_to_rgb(truth), mask_to_rgb(prediction), difference_picture(truth, prediction))
-            titles = (f"{name}  Dice {dice:.4f}", "truth", "prediction", "red: false car, blue: missed car")
-            for index, (panel, title) in enumerate(zip(panels, titles)):
-                left = index * (self.width + gap)
-                draw.text((left + 2, top + 4), title, fill="black", font=font)
-                sheet.paste(Image.fromarray(panel), (left, top + title_height))
-            top += height
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        sheet.save(path)
-        return Path(path)
+        return draw_panels([((image, mask_to_rgb(truth), mask_to_rgb(prediction), difference_picture(truth, prediction)),
+                             (f"{name}  Dice {dice:.4f}", "truth", "prediction", "red: false car, blue: missed car"))
+                            for name, dice, image, truth, prediction in self.items], path)

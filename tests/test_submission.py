@@ -164,7 +164,7 @@ def test_training_writes_history_curves_and_gallery(trained):
     assert set(rows[0]) == {"epoch", "train_loss", "val_loss", "dice", "pixel_accuracy", "learning_rate", "seconds"}
     assert float(rows[0]["seconds"]) > 0
     for name in ("training_curves.png", "worst_predictions.png"):
-        with Image.open(tmp / "saved_images" / name) as picture:
+        with Image.open(tmp / "saved_images" / "checkpoints" / name) as picture:
             assert picture.format == "PNG" and picture.size[0] >= 800
     listed = (tmp / "checkpoints" / "val_files.txt").read_text().split()
     assert listed and all(path.endswith(".jpg") for path in listed)

@@ -53,8 +53,47 @@ def test_training_writes_checkpoints_and_pictures(trained):
         assert {"optimizer", "scaler", "best_dice", "config"} <= set(state)
         assert state["best_dice"] == pytest.approx(result["best_dice"])
     assert 0 <= result["best_dice"] <= 1 and not math.isnan(result["last"]["loss"])
-    pictures = sorted((tmp / "saved_images").glob("pred_*.png"))
+    pictures = sorted((tmp / "saved_images" / "checkpoints").glob("pred_*.png"))
     assert len(pictures) == 4
+
+
+def test_prediction_pictures_show_four_cars_under_titles_in_the_runs_own_folder(trained):
+    import numpy as np
+    from PIL import Image
+
+    tmp, result = trained
+    pictures = sorted((tmp / "saved_images" / "checkpoints").glob("pred_*.png"))
+    cars = {picture.stem.removeprefix("pred_").rsplit("_", 1)[0] for picture in pictures}
+    _, val = train.load_samples(result["config"])
+    assert len(cars) == min(4, len({sample.image.stem.rsplit("_", 1)[0] for sample in val}))
+    with Image.open(pictures[0]) as picture:
+        pixels = picture.convert("L")
+        assert picture.size[1] == 64 + 26 + 8  # the panels under a title strip
+        assert np.asarray(pixels.crop((0, 0, picture.size[0], 26))).min() < 100  # title text drawn
+
+
+def test_a_second_run_keeps_its_pictures_apart_and_stale_ones_go(tmp_path, synthetic_root):
+    pictures = tmp_path / "saved_images"
+    (pictures / "checkpoints").mkdir(parents=True)
+    (pictures / "checkpoints" / "pred_not_in_this_split.png").write_bytes(b"old")
+    train.main(tiny_args(tmp_path, synthetic_root, 1))
+    train.main([*tiny_args(tmp_path, synthetic_root, 1), f"--CHECKPOINT_DIR={tmp_path / 'second'}", "--SEED=5"])
+    assert not (pictures / "checkpoints" / "pred_not_in_this_split.png").exists()
+    assert len(list((pictures / "checkpoints").glob("pred_*.png"))) == 4
+    assert len(list((pictures / "second").glob("pred_*.png"))) == 4
+    assert (pictures / "second" / "training_curves.png").is_file()
+
+
+def test_checkpoint_and_cache_folders_stay_out_of_git(tmp_path, synthetic_root):
+    import subprocess
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    train.main([*tiny_args(tmp_path, synthetic_root, 1), f"--CHECKPOINT_DIR={tmp_path / 'runs' / 'first try'}",
+                f"--SAVED_IMAGES={tmp_path.parent / (tmp_path.name + '-pictures')}"])
+    assert (tmp_path / "runs" / "first try" / "last.pt").is_file() and (tmp_path / "cache").is_dir()
+    status = subprocess.run(["git", "-C", str(tmp_path), "status", "--porcelain", "--untracked-files=all"],
+                            capture_output=True, text=True, check=True).stdout
+    assert status == ""
 
 
 def test_killed_run_resumes_where_it_stopped(tmp_path, synthetic_root, capsys):
@@ -129,3 +168,17 @@ def test_importing_train_does_nothing(tmp_path, monkeypatch):
     importlib.reload(train)
     assert list(tmp_path.iterdir()) == []
     assert torch.is_tensor(torch.zeros(1))
+
+
+def test_help_gives_every_setting_its_meaning_and_a_misspelt_name_a_suggestion(capsys):
+    with pytest.raises(SystemExit) as done:
+        train.parse_settings(["--help"])
+    assert done.value.code == 0
+    lines = {line.split()[0].split("=")[0]: line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("  --")}
+    assert set(lines) == {f"--{name}" for name in train.SETTING_NAMES}
+    assert "passes over the training images" in lines["--NUM_EPOCHS"] and "Adam" in lines["--LEARNING_RATE"]
+    with pytest.raises(SystemExit, match=r"unknown setting --NUM_EPOCH; did you mean --NUM_EPOCHS\?"):
+        train.parse_settings(["--NUM_EPOCH=3"])
+    with pytest.raises(SystemExit, match=r"unknown setting --learning_rate; did you mean --LEARNING_RATE\?"):
+        train.parse_settings(["--learning_rate=3"])
