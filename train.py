@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 import dataset as data
 import synthetic
+from files import make_run_folder, replacing
 from model import UNet
 from utils import (
     CheckpointError,
@@ -39,7 +40,6 @@ from utils import (
     get_device,
     link_checkpoint,
     load_checkpoint,
-    make_run_folder,
     recompute_batchnorm,
     save_checkpoint,
     save_predictions_as_imgs,
@@ -239,7 +239,6 @@ def load_samples(config, rank=0):
     if rank == 0:
         data.report_problems(problems)
         if config["CACHE_DIR"]:
-            make_run_folder(config["CACHE_DIR"])
             checks.save()
     listed = " (the skipped files are listed above)" if problems else ""
     if "val" not in splits:
@@ -310,22 +309,29 @@ def make_loader(dataset, config, device, workers, sampler=None):
 
 
 def make_cache(samples, name, config, builder):
-    """The split's ResizedCache, built by one process per machine if needed; None without
-    CACHE_DIR or when the disk is too small."""
+    """The split's ResizedCache, built by one process per machine if needed and held while this run
+    reads it; None without CACHE_DIR, or when it cannot be written or would not fit (training then
+    decodes every epoch)."""
     if not config["CACHE_DIR"]:
         return None
-    cache = data.ResizedCache(config["CACHE_DIR"], name, samples, (config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]))
+    folder = config["CACHE_DIR"]
+    cache = data.ResizedCache(folder, name, samples, (config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]))
     if builder and not cache.ready():
-        make_run_folder(config["CACHE_DIR"])
-        free = shutil.disk_usage(config["CACHE_DIR"]).free
-        if free < 1.2 * cache.bytes_needed():
-            print(f"warning: {config['CACHE_DIR']} has {free / 2**30:.1f} GiB free, the {name} cache needs "
-                  f"{cache.bytes_needed() / 2**30:.1f} GiB: decoding every epoch instead", file=sys.stderr)
-        else:
+        needed = cache.bytes_needed()
+        try:
+            make_run_folder(folder)
+            free = shutil.disk_usage(folder).free
+            if free < 1.2 * needed:  # a margin for the checkpoints and everything else on that disk
+                raise OSError(f"{free / 2**30:.1f} GiB free, it needs {needed / 2**30:.1f} GiB")
+            print(f"caching the {len(samples)} {name} images at {cache.size[0]}x{cache.size[1]} in {folder}: "
+                  f"{needed / 2**30:.2f} GiB of its {free / 2**30:.1f} GiB free, once", file=sys.stderr)
             cache.build(config["NUM_WORKERS"] if config["NUM_WORKERS"] != "auto" else min(8, available_cores()))
+        except OSError as error:
+            print(f"warning: cannot cache the {name} images in {folder} ({error.strerror or error}): decoding "
+                  f"every epoch instead", file=sys.stderr)
     if dist.is_initialized():
         dist.barrier()  # the machine's other processes wait for its builder
-    return cache if cache.ready() else None
+    return cache.hold() if cache.ready() else None
 
 
 def batchnorm_set(samples, config, cache):
@@ -417,12 +423,10 @@ def read_history(path, epochs_done):
 
 
 def write_history(rows, path):
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", newline="") as stream:
+    with replacing(path, "w", newline="") as stream:
         writer = csv.DictWriter(stream, HISTORY_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    temporary.replace(path)
 
 
 def checkpoint_state(model, average, optimizer, scaler, amp_dtype, epoch, best_dice, config, split):

@@ -1,13 +1,14 @@
 """Devices, seeds, metrics, checkpoints, run-length encoding and prediction pictures."""
 import os
 import random
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from files import replacing
 
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and torch.compile
 
@@ -236,34 +237,12 @@ def segmentation_loss(logits, target, kind="lovasz"):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: one dict; written atomically so that an interrupted save never harms the old file.
 
-def make_run_folder(folder):
-    """Create a folder for a run's files (checkpoints, caches) that git leaves out wherever it is: a
-    new folder gets a .gitignore of "*", as a virtual environment does; an existing one is left as it is."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / ".gitignore").write_text("# made by train.py: git leaves this run's files out\n*\n")
-    return folder
-
-
 def save_checkpoint(state, path):
+    """torch.save through files.replacing: the old file stays whole whatever happens meanwhile."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(handle, 0o666 & ~umask)  # mkstemp's 0600 would hide checkpoints from other users
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    for leftover in path.parent.glob(f".{path.name}.*.tmp"):  # from saves killed outright (SIGKILL)
-        leftover.unlink(missing_ok=True)
+    with replacing(path) as stream:
+        torch.save(state, stream)
 
 
 def link_checkpoint(source, path, state):

@@ -35,11 +35,93 @@ def test_cache_key_follows_size_and_source_files(synthetic_root, tmp_path):
     assert data.ResizedCache(tmp_path / "cache", "train", scan(root), (32, 48)).ready()
     assert not data.ResizedCache(tmp_path / "cache", "train", scan(root), (40, 48)).ready()
     image = scan(root)[0].image
-    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))  # the file changed
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))  # touched, same bytes
+    assert data.ResizedCache(tmp_path / "cache", "train", scan(root), (32, 48)).ready()
+    replace_keeping_size_and_time(image, scan(root)[1].image)
     changed = data.ResizedCache(tmp_path / "cache", "train", scan(root), (32, 48))
     assert not changed.ready()
+    del first  # no run reads the old entry any more
     changed.build()
-    assert not any(path.exists() for path in first.paths.values())  # the stale copy is gone
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 3  # the stale copy is gone
+
+
+def replace_keeping_size_and_time(path, other):
+    """Put other's bytes into path with path's size and modification time, as cp -p or rsync -a can."""
+    stat = path.stat()
+    content = other.read_bytes()[: stat.st_size]
+    path.write_bytes(content + b"\0" * (stat.st_size - len(content)))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+
+
+def test_a_replaced_file_with_the_same_size_and_time_is_never_served_stale(synthetic_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    samples = scan(root)
+    data.ResizedCache(tmp_path / "cache", "train", samples, (32, 48)).build()
+    mask = samples[0].mask
+    replace_keeping_size_and_time(mask, samples[5].mask)  # another car's mask, same size and time
+    fresh = scan(root)
+    cache = data.ResizedCache(tmp_path / "cache", "train", fresh, (32, 48))
+    assert not cache.ready()
+    cache.build()
+    cached = data.CarvanaDataset(fresh, data.val_transform(), (32, 48), cache=cache)
+    decoded = data.CarvanaDataset(fresh, data.val_transform(), (32, 48))
+    assert torch.equal(cached[0][1], decoded[0][1])
+
+
+def test_an_entry_another_run_reads_is_never_removed(synthetic_root, tmp_path):
+    """Two runs with different seeds share CACHE_DIR: the second's build leaves the first's entry,
+    which the first still reads; once no run holds it, a later build removes it."""
+    samples = scan(synthetic_root)
+    first = data.ResizedCache(tmp_path, "train", samples[:12], (32, 48))
+    first.build()
+    reading = data.CarvanaDataset(samples[:12], data.val_transform(), (32, 48), cache=first)
+    second = data.ResizedCache(tmp_path, "train", samples[4:], (32, 48))
+    second.build()
+    assert first.ready() and reading[11][0].shape == (3, 32, 48)
+    del first, reading
+    third = data.ResizedCache(tmp_path, "train", samples[2:14], (32, 48))
+    third.build()
+    assert second.ready() and third.ready()
+    assert len(list(tmp_path.glob("train-*-images.npy"))) == 2
+
+
+def test_a_full_disk_during_the_build_is_a_warning_and_training_decodes(synthetic_root, tmp_path, monkeypatch, capsys):
+    import errno
+
+    def full(handle, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    result = train.main(tiny_args(tmp_path, synthetic_root, 1))
+    err = capsys.readouterr().err
+    assert "cannot cache the train images" in err and "No space left on device" in err and "Traceback" not in err
+    assert result["last"]["images"] == 4 and not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def test_leftovers_of_a_killed_build_are_removed_by_the_next(synthetic_root, tmp_path):
+    samples = scan(synthetic_root)
+    tmp_path.mkdir(exist_ok=True)
+    cache = data.ResizedCache(tmp_path, "train", samples, (32, 48))
+    leftover = tmp_path / f".{cache.paths['images'].name}.99999-dead.tmp"
+    leftover.write_bytes(b"\0" * 1000)
+    data.ResizedCache(tmp_path, "train", samples[1:], (32, 48)).build()
+    assert not leftover.exists()
+
+
+def test_a_read_only_cache_dir_is_a_warning_not_a_traceback(synthetic_root, tmp_path, capsys):
+    if os.geteuid() == 0:  # root writes anywhere: stand in a file for the folder's parent instead
+        (tmp_path / "blocked").write_text("a file")
+        folder = tmp_path / "blocked" / "cache"
+    else:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o500)
+    result = train.main([*tiny_args(tmp_path, synthetic_root, 1), f"--CACHE_DIR={folder}"])
+    err = capsys.readouterr().err
+    assert "cannot keep the mask checks" in err and "decoding every epoch instead" in err
+    assert result["last"]["images"] == 4
 
 
 def test_file_that_fails_while_caching_is_skipped_everywhere(synthetic_root, tmp_path, capsys):

@@ -1,0 +1,115 @@
+"""Files that survive a kill at any instant: each is written whole under a temporary name beside it
+and renamed over the old one, so a reader sees the old file or the new one, never a mix; the
+temporary files of writers killed outright (kill -9, a Colab disconnect) are cleared by the next
+write of the same name. Locks tell whether another process is using a file."""
+import glob
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; leftovers are judged by their age instead
+    fcntl = None
+
+ABANDONED_AFTER = 24 * 3600  # seconds: where locks are missing, a temporary file this old is a leftover
+
+
+@contextmanager
+def replacing_path(path):
+    """Yield a temporary path beside `path` to write (a file the caller fills, a memory map, ...); when
+    the block ends without error the temporary becomes `path` in one rename, else it is removed. It is
+    locked while written, so that clear_leftovers in another process leaves it alone."""
+    path = Path(path)
+    clear_leftovers(path)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = Path(name)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(handle, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from other users
+        if fcntl:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield temporary
+        os.replace(temporary, path)  # before the lock goes with the handle: nobody clears it meanwhile
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(handle)
+
+
+@contextmanager
+def replacing(path, mode="wb", **open_arguments):
+    """Yield a file opened on a temporary name; when the block ends it is flushed to disk and renamed
+    over `path` (see replacing_path)."""
+    with replacing_path(path) as temporary, open(temporary, mode, **open_arguments) as stream:
+        yield stream
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+def write_text(path, text):
+    with replacing(path, "w", encoding="utf-8", newline="") as stream:
+        stream.write(text)
+
+
+def in_use(path, shared_ok=False):
+    """Whether another open handle holds a lock on the file (with shared_ok, only an exclusive lock
+    counts). Without locks (Windows), files younger than ABANDONED_AFTER count as in use."""
+    try:
+        handle = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        if fcntl is None:
+            return time.time() - os.fstat(handle).st_mtime < ABANDONED_AFTER
+        try:
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared_ok else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False
+    finally:
+        os.close(handle)
+
+
+def clear_leftovers(path):
+    """Remove the temporary files that writers of `path` killed outright left behind."""
+    path = Path(path)
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if not in_use(leftover):
+            leftover.unlink(missing_ok=True)
+
+
+def hold_shared(path):
+    """An open handle with a shared lock on `path`, for as long as the handle lives: another process
+    asking in_use(path) learns that it is being read. None where locks are missing."""
+    if fcntl is None:
+        return None
+    try:
+        handle = open(path, "rb")  # noqa: SIM115  (held open on purpose; closed with its owner)
+    except OSError:
+        return None
+    fcntl.flock(handle, fcntl.LOCK_SH)
+    return handle
+
+
+def not_a_folder(path):
+    """The part of `path` (itself or a folder above it) that exists as a file, or None: a folder
+    cannot be made there."""
+    for part in (Path(path), *Path(path).parents):
+        if part.exists():
+            return part if not part.is_dir() else None
+    return None
+
+
+def make_run_folder(folder):
+    """Create a folder for a run's files (checkpoints, caches) that git leaves out wherever it is: a
+    new folder gets a .gitignore of "*", as a virtual environment does; an existing one is left as it is."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ".gitignore").write_text("# made by train.py: git leaves this run's files out\n*\n")
+    return folder
