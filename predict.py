@@ -4,7 +4,10 @@ python predict.py --checkpoint checkpoints/best.pt --input data/test [--masks da
 python predict.py --checkpoint checkpoints/best.pt --input data/test --submission submission.csv --no-images
 """
 import argparse
+import hashlib
+import json
 import os
+import shutil
 import sys
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,10 +21,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 import dataset as data
+from files import not_a_folder, replacing, write_text
 from utils import (
     THRESHOLDS,
     CheckpointError,
     WorstImages,
+    all_finite,
     autocast,
     autocast_dtype,
     dice_by_threshold,
@@ -81,7 +86,7 @@ def listed_files(list_path):
     taken (train.py's val_files.txt holds paths as DATA_DIR was given). A file listed twice is
     predicted once; missing files are named in one warning and skipped."""
     found, missing, seen = [], [], set()
-    for line in list_path.read_text().splitlines():
+    for line in read_list(list_path).splitlines():
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
@@ -99,6 +104,18 @@ def listed_files(list_path):
         print(f"warning: {len(missing)} file(s) listed in {list_path} do not exist (skipped): {names}",
               file=sys.stderr)
     return found
+
+
+def read_list(list_path):
+    """A list file's text: UTF-8 (with or without a byte-order mark) or UTF-16 with its mark, as
+    editors on Windows save them; ValueError naming the file otherwise."""
+    raw = list_path.read_bytes()
+    encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError:
+        raise ValueError(f"{list_path}: not a text list of image paths (neither UTF-8 nor UTF-16 with a "
+                         f"byte-order mark)") from None
 
 
 def output_names(paths):
@@ -233,23 +250,58 @@ def device_rows(probability, sizes, threshold):
 
 
 class Submission:
-    """img,rle_mask rows appended and flushed one by one; --resume keeps every complete row."""
+    """img,rle_mask rows appended and flushed one by one, so the file only grows by whole rows; a
+    resume drops a row cut off by the interruption with one atomic replacement. Beside it,
+    `<file>.source` records the model and options that made its rows: a resume with others is refused."""
 
-    def __init__(self, path, resume):
+    def __init__(self, path, resume, source):
         self.path, self.done = Path(path), set()
+        record = self.path.with_name(f"{self.path.name}.source")
         if self.path.exists() and not resume:
             raise SystemExit(f"error: {self.path} exists: pass --resume to continue it, or remove it")
         if resume and self.path.exists():
-            text = self.path.read_text()
-            if text and not text.startswith(SUBMISSION_HEADER):
-                raise SystemExit(f"error: {self.path} is not a submission (its first line is not img,rle_mask)")
-            complete = text[: text.rfind("\n") + 1]  # a row cut off by the interruption is redone
-            self.path.write_text(complete or SUBMISSION_HEADER)
-            self.done = {line.split(",", 1)[0] for line in complete.splitlines()[1:]}
+            self.check_source(record, source)
+            self.done = self.complete_rows()
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(SUBMISSION_HEADER)
+            write_text(record, json.dumps(source, indent=1))
+            with open(self.path, "x") as stream:
+                stream.write(SUBMISSION_HEADER)
         self.stream = open(self.path, "a", buffering=1)  # noqa: SIM115  (closed in close())
+
+    def check_source(self, record, source):
+        try:
+            saved = json.loads(record.read_text())
+        except (OSError, ValueError):
+            print(f"warning: {record} is missing, so nothing tells which model wrote the rows in {self.path}: "
+                  f"continuing them with {source['checkpoint']}", file=sys.stderr)
+            return
+        changed = [name for name in source if name != "checkpoint" and saved.get(name) != source[name]]
+        if changed:
+            what = "model" if changed == ["model"] else ", ".join(changed)
+            raise SystemExit(f"error: {self.path} holds rows made with another {what} (by {saved.get('checkpoint')}"
+                             f"): resuming it with {source['checkpoint']} would mix two models; write a new file")
+
+    def complete_rows(self):
+        """Names of the complete rows; a cut-off last row is dropped (the file atomically replaced)."""
+        done, length = set(), 0
+        with open(self.path, newline="") as stream:
+            first = stream.readline()
+            if first and first != SUBMISSION_HEADER:
+                raise SystemExit(f"error: {self.path} is not a submission (its first line is not img,rle_mask)")
+            length = len(first.encode()) if first.endswith("\n") else 0
+            for line in stream:
+                if not line.endswith("\n"):
+                    break
+                done.add(line.split(",", 1)[0])
+                length += len(line.encode())
+        if length != self.path.stat().st_size:
+            with open(self.path, "rb") as source, replacing(self.path) as copy:
+                if length == 0:
+                    copy.write(SUBMISSION_HEADER.encode())
+                else:
+                    shutil.copyfileobj(LimitedReader(source, length), copy)
+        return done
 
     def add(self, name, text):
         """One row: the image's file name and its mask's run-length text."""
@@ -257,6 +309,35 @@ class Submission:
 
     def close(self):
         self.stream.close()
+
+
+class LimitedReader:
+    """The first `limit` bytes of a binary stream."""
+
+    def __init__(self, stream, limit):
+        self.stream, self.left = stream, limit
+
+    def read(self, size=-1):
+        size = self.left if size < 0 else min(size, self.left)
+        chunk = self.stream.read(size)
+        self.left -= len(chunk)
+        return chunk
+
+
+def submission_source(checkpoint, state, threshold, tta):
+    """What makes a submission's rows: the model's weights (a digest), its input size, the threshold
+    and TTA. Rows made with other values do not belong in the same file."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(state["model"].items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return {"checkpoint": str(checkpoint), "model": digest.hexdigest(), "image_size": list(state["image_size"]),
+            "threshold": threshold, "tta": tta}
+
+
+def unusable_names(paths):
+    """File names that cannot be a field of Kaggle's CSV rows (a comma, quote or line break)."""
+    return sorted({path.name for path in paths if any(mark in path.name for mark in ',"\n\r')})
 
 
 class RowEncoder:
@@ -413,16 +494,25 @@ def model_threads(workers):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    problem = output_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         device = get_device(args.device)
         state = load_checkpoint(args.checkpoint, device)
+        if not all_finite(state["model"].values()):
+            raise CheckpointError(f"{args.checkpoint}: its weights hold NaN or infinite values; use another "
+                                  f"checkpoint of the run (best.pt, last.pt)")
         model = model_from_checkpoint(state, device).to(memory_format=torch.channels_last)
+        paths = input_files(args.input)
     except (CheckpointError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        message = str(error) if str(args.checkpoint) in str(error) or isinstance(error, ValueError) else \
+            f"{args.checkpoint}: {error}"
+        print(f"error: {message}", file=sys.stderr)
         return 2
     threshold = args.threshold if args.threshold is not None else state.get("threshold", 0.5)
     amp_dtype = None if args.no_amp else autocast_dtype(device)
-    paths = input_files(args.input)
     if not paths:
         print(f"error: no images found at {args.input}", file=sys.stderr)
         return 1
@@ -432,8 +522,15 @@ def main(argv=None):
               f"{' ...' if len(clashing) > 5 else ''}) and Kaggle keys submission rows by file name: "
               f"submit one folder at a time", file=sys.stderr)
         return 1
+    unusable = unusable_names(paths) if args.submission else []
+    if unusable:
+        print(f"error: {len(unusable)} file name(s) cannot be a submission row ({', '.join(map(repr, unusable[:5]))}"
+              f"{' ...' if len(unusable) > 5 else ''}: a comma, quote or line break would split the row); rename "
+              f"them", file=sys.stderr)
+        return 1
     names = output_names(paths)
-    submission = Submission(args.submission, args.resume) if args.submission else None
+    source = submission_source(args.checkpoint, state, threshold, args.tta) if args.submission else None
+    submission = Submission(args.submission, args.resume, source) if args.submission else None
     if submission and submission.done:
         paths = [p for p in paths if p.name not in submission.done]
         print(f"resuming {args.submission}: {len(submission.done)} rows already written, {len(paths)} images to go")
@@ -453,11 +550,13 @@ def main(argv=None):
                         batch_size=args.batch_size, num_workers=workers, collate_fn=as_list)
     encoder = RowEncoder(device, threshold, ENCODER_THREADS, 2 * args.batch_size) if rows_only else None
     predictor = Predictor(model, device, amp_dtype, threshold, args, names, submission, scores, encoder)
+    skipped = []
     try:
         with tqdm(total=len(paths), desc="predicting", unit="img") as progress:
             for batch in loader:
                 for path, problem, x, _ in batch:
                     if x is None:
+                        skipped.append(path)
                         progress.write(f"warning: skipping {path}: {problem}", file=sys.stderr)
                 good = [item for item in batch if item[2] is not None]
                 if good:
@@ -483,12 +582,32 @@ def main(argv=None):
     if not args.no_images:
         print(f"wrote {predicted} masks (threshold {threshold}{', flip TTA' if args.tta else ''}) "
               f"and overlays to {output}/")
-    if submission:
-        print(f"submission: {args.submission} ({len(submission.done) + predicted} rows)")
+    if skipped:
+        print(f"{len(skipped)} input(s) could not be read and were skipped (named above)", file=sys.stderr)
     if scores:
         scores.report(threshold, args.masks, output.parent / "worst_predictions.png"
                       if args.no_images else output / "worst_predictions.png")
+    if submission:
+        print(f"submission: {args.submission} ({len(submission.done) + predicted} rows)")
+        if skipped:  # Kaggle refuses a file without a row for every test image
+            print(f"error: {args.submission} lacks the rows of the {len(skipped)} skipped image(s): replace them, "
+                  f"then the same command with --resume adds their rows", file=sys.stderr)
+            return 1
     return 0
+
+
+def output_problem(args):
+    """Why the output paths cannot be written, in one line, or None; checked before anything runs."""
+    if not args.no_images and not_a_folder(args.output):
+        return f"--output {args.output}: {not_a_folder(args.output)} is a file, not a folder"
+    if args.submission:
+        if Path(args.submission).is_dir():
+            example = Path(args.submission) / "submission.csv"
+            return f"--submission {args.submission} is a folder: name the CSV file to write, e.g. {example}"
+        if not_a_folder(Path(args.submission).parent):
+            blocking = not_a_folder(Path(args.submission).parent)
+            return f"--submission {args.submission}: {blocking} is a file, not a folder"
+    return None
 
 
 if __name__ == "__main__":

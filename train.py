@@ -502,9 +502,13 @@ def read_resume_state(checkpoints, device):
     """The state a LOAD_MODEL run continues from (see resume_file), or SystemExit saying why not."""
     path = resume_file(checkpoints)
     try:
-        return path, load_checkpoint(path, device)
+        state = load_checkpoint(path, device)
     except CheckpointError as error:
         raise SystemExit(f"error: cannot resume (LOAD_MODEL): {str(error).splitlines()[0]}") from None
+    if not all(all_finite(state.get(part, {}).values()) for part in ("model", "training_model")):
+        raise SystemExit(f"error: cannot resume (LOAD_MODEL): {path} holds NaN or infinite weights (not written by "
+                         f"this version, which never saves them); start a new run with another --CHECKPOINT_DIR")
+    return path, state
 
 
 def continue_settings(config, given, path, saved, say):

@@ -296,7 +296,11 @@ def clean_state_dict(state_dict):
 def model_from_checkpoint(state, device="cpu"):
     from model import UNet
 
-    model = UNet(**state["model_args"])
+    try:
+        model = UNet(**state["model_args"])
+    except (TypeError, ValueError) as error:  # model arguments of another project's network
+        raise CheckpointError(f"not a checkpoint of this project's UNet (its model arguments "
+                              f"{dict(state['model_args'])} do not fit: {error})") from None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:

@@ -1,0 +1,139 @@
+"""Ordinary mistakes and interruptions: one line, the right exit status, nothing lost."""
+import shutil
+
+import pytest
+import torch
+
+import predict
+import train
+from conftest import tiny_args
+from utils import load_checkpoint, save_checkpoint
+
+
+def predicting(trained, *extra):
+    return ["--checkpoint", str(trained[0] / "checkpoints" / "best.pt"), "--workers", "0", *extra]
+
+
+def one_line_error(capsys):
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err and err.startswith("error: "), err
+    return err
+
+
+def test_a_submission_resumed_with_another_checkpoint_is_refused(trained, synthetic_root, tmp_path, capsys):
+    submission = tmp_path / "sub.csv"
+    args = predicting(trained, "--input", str(synthetic_root / "train"), "--submission", str(submission), "--no-images")
+    assert predict.main(args) == 0
+    before = submission.read_bytes()
+    other = load_checkpoint(trained[0] / "checkpoints" / "best.pt")
+    other["model"] = {name: value + 0.01 if value.is_floating_point() else value for name, value in other["model"].items()}
+    save_checkpoint(other, tmp_path / "retrained.pt")
+    capsys.readouterr()
+    args[1] = str(tmp_path / "retrained.pt")
+    with pytest.raises(SystemExit, match=r"holds rows made with another model .*would mix two models"):
+        predict.main([*args, "--resume"])
+    with pytest.raises(SystemExit, match=r"another threshold"):
+        predict.main([*predicting(trained, "--input", str(synthetic_root / "train"), "--submission", str(submission),
+                                  "--no-images", "--threshold", "0.3"), "--resume"])
+    assert submission.read_bytes() == before
+    assert predict.main([*predicting(trained, "--input", str(synthetic_root / "train"), "--submission",
+                                     str(submission), "--no-images"), "--resume"]) == 0  # the same model: fine
+    assert submission.read_bytes() == before
+
+
+def test_a_cut_row_is_dropped_by_an_atomic_replacement_that_a_kill_cannot_harm(trained, synthetic_root, tmp_path,
+                                                                               monkeypatch, capsys):
+    submission = tmp_path / "sub.csv"
+    args = predicting(trained, "--input", str(synthetic_root / "train"), "--submission", str(submission), "--no-images")
+    assert predict.main(args) == 0
+    lines = submission.read_text().splitlines(keepends=True)
+    submission.write_text("".join(lines[:6]) + lines[6][:9])  # killed mid-row
+    cut = submission.read_bytes()
+
+    def killed(*arguments):
+        raise KeyboardInterrupt  # dies while copying the complete rows
+
+    monkeypatch.setattr(predict.shutil, "copyfileobj", killed)
+    with pytest.raises(KeyboardInterrupt):
+        predict.main([*args, "--resume"])
+    assert submission.read_bytes() == cut  # the file as it was: every complete row kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub.csv", "sub.csv.source"]  # no temporary left
+    monkeypatch.undo()
+    assert predict.main([*args, "--resume"]) == 0
+    assert submission.read_text().splitlines(keepends=True)[:6] == lines[:6]
+    assert sorted(submission.read_text().splitlines()) == sorted(line.rstrip("\n") for line in lines)
+
+
+def test_names_that_cannot_be_a_csv_field_are_refused(trained, synthetic_root, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image = min((synthetic_root / "train").iterdir())
+    shutil.copy(image, folder / "a,b.jpg")
+    shutil.copy(image, folder / "plain.jpg")
+    status = predict.main(predicting(trained, "--input", str(folder), "--submission", str(tmp_path / "s.csv"),
+                                     "--no-images"))
+    assert status == 1 and "'a,b.jpg'" in one_line_error(capsys) and not (tmp_path / "s.csv").exists()
+
+
+def test_unreadable_inputs_make_a_submission_fail_loudly(trained, synthetic_root, tmp_path, capsys):
+    folder = tmp_path / "in"
+    shutil.copytree(synthetic_root / "train", folder)
+    (folder / "broken.jpg").write_bytes(b"")
+    status = predict.main(predicting(trained, "--input", str(folder), "--submission", str(tmp_path / "s.csv"),
+                                     "--no-images"))
+    captured = capsys.readouterr()
+    assert status == 1 and "submission: " in captured.out and "(16 rows)" in captured.out
+    assert "1 input(s) could not be read" in captured.err and "lacks the rows of the 1 skipped" in captured.err
+
+
+@pytest.mark.parametrize("case", ["other-model", "nan-weights"])
+def test_checkpoints_that_cannot_predict_are_one_line_errors(trained, synthetic_root, tmp_path, capsys, case):
+    state = load_checkpoint(trained[0] / "checkpoints" / "best.pt")
+    if case == "other-model":
+        state["model_args"] = {"n_channels": 3, "n_classes": 1}  # another repository's UNet
+    else:
+        state["model"] = {name: value * float("nan") if value.is_floating_point() else value
+                          for name, value in state["model"].items()}
+    save_checkpoint(state, tmp_path / "x.pt")
+    status = predict.main(["--checkpoint", str(tmp_path / "x.pt"), "--input", str(synthetic_root / "train"),
+                           "--output", str(tmp_path / "out"), "--workers", "0"])
+    err = one_line_error(capsys)
+    assert status == 2 and str(tmp_path / "x.pt") in err
+    assert ("this project's UNet" if case == "other-model" else "NaN or infinite") in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_paths_that_cannot_be_written_are_one_line_errors(trained, synthetic_root, tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+    inputs = ["--input", str(synthetic_root / "train")]
+    assert predict.main(predicting(trained, *inputs, "--output", str(tmp_path / "taken"))) == 2
+    assert "is a file, not a folder" in one_line_error(capsys)
+    assert predict.main(predicting(trained, *inputs, "--submission", str(tmp_path), "--no-images")) == 2
+    assert "is a folder: name the CSV file" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig"])
+def test_lists_saved_by_windows_editors_are_read_whole(trained, synthetic_root, tmp_path, capsys, encoding):
+    names = sorted(path.name for path in (synthetic_root / "train").iterdir())[:3]
+    listing = tmp_path / "list.txt"
+    listing.write_text("\r\n".join(str(synthetic_root / "train" / name) for name in names), encoding=encoding)
+    assert predict.main(predicting(trained, "--input", str(listing), "--output", str(tmp_path / "out"))) == 0
+    assert len(list((tmp_path / "out").glob("*_mask.png"))) == 3
+
+
+def test_a_list_that_is_not_text_is_a_one_line_error(trained, tmp_path, capsys):
+    (tmp_path / "list.txt").write_bytes(b"\x80\x81\xfe binary")
+    assert predict.main(predicting(trained, "--input", str(tmp_path / "list.txt"))) == 2
+    assert "not a text list of image paths" in one_line_error(capsys)
+
+
+def test_a_resume_from_non_finite_weights_is_refused_naming_the_file(tmp_path, synthetic_root):
+    train.main(tiny_args(tmp_path, synthetic_root, 1))
+    last = tmp_path / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    state["training_model"] = {name: torch.full_like(value, float("nan")) if value.is_floating_point() else value
+                               for name, value in state["training_model"].items()}
+    save_checkpoint(state, last)
+    with pytest.raises(SystemExit, match=r"cannot resume .*last.pt holds NaN or infinite weights") as error:
+        train.main([*tiny_args(tmp_path, synthetic_root, 2), "--LOAD_MODEL=true"])
+    assert "\n" not in str(error.value)
