@@ -407,11 +407,26 @@ def scan_pairs(image_dir, mask_dir, progress=True, checks=None):
         samples.append(sample)
         if no_car:
             problems.no_car.append(mask_path)
-    used, stems = {mask for _, mask in found}, {p.stem for p in images}
-    for mask_path in names.values():
-        if mask_path not in used and mask_stem(mask_path) not in stems:
+    used, stems, mask_of = {mask for _, mask in found}, {p.stem: p for p in images}, dict(found)
+    for mask_path in visible_files(mask_dir):
+        if mask_path in used:
+            continue
+        image = stems.get(mask_stem(mask_path)) or stems.get(mask_path.stem)
+        mask = mask_of.get(image)
+        if mask is not None:  # x_mask.GIF beside x_mask.gif, or x.png beside x_mask.gif
+            problems.append((mask_path, f"not used: {image.name} has another mask, {mask.name}"))
+        elif image is None:
             problems.append((mask_path, f"no image for this mask in {image_dir}"))
+    for folder in (image_dir, mask_dir):
+        problems += [(link, f"a symbolic link to {os.readlink(link)}, which does not exist")
+                     for link in broken_links(folder)]
     return samples, problems
+
+
+def broken_links(folder):
+    """Symbolic links in a folder whose targets are gone (a moved or unmounted data set)."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_symlink() and not p.exists()
+                  and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def report_problems(problems):
@@ -460,11 +475,23 @@ def layout_error(data_dir):
     return f"no data in {root} (found: {found}); {accepted}"
 
 
+# Stems cameras and phones give their photos: IMG_0001 is a photo number, not car IMG's angle 0001.
+CAMERA_PREFIXES = {"img", "dsc", "dscn", "dscf", "dcim", "pxl", "mvimg", "photo", "image", "pic", "picture", "vid",
+                   "gopr", "dji", "sam", "wp", "screenshot", "snapshot", "capture", "scan"}
+
+
 def car_id(path):
-    """Carvana's `<car id>_<angle>` stems group all angles of one car; other stems stand alone."""
+    """Carvana's `<car id>_<angle>` stems (an angle of 1 to 3 digits) group all angles of one car;
+    camera and phone names (IMG_0001, DSC_0045, PXL_20231010_123456) and other stems stand alone."""
     stem = Path(path).stem
     head, _, angle = stem.rpartition("_")
-    return head if head and angle.isdigit() else stem
+    if head and angle.isdigit() and len(angle) <= 3 and head.lower() not in CAMERA_PREFIXES:
+        return head
+    return stem
+
+
+def has_car_id(path):
+    return car_id(path) != Path(path).stem
 
 
 def split_by_car(samples, val_fraction, seed):

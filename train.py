@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 import dataset as data
 import synthetic
-from files import make_run_folder, replacing
+from files import make_run_folder, not_a_folder, replacing
 from model import UNet
 from utils import (
     CheckpointError,
@@ -182,6 +182,14 @@ def check_settings(config):
     for name in ("DATA_DIR", "CHECKPOINT_DIR", "SAVED_IMAGES"):
         if not config[name]:
             fail(f"{name} must name a folder")
+    for name, folder in (("CHECKPOINT_DIR", config["CHECKPOINT_DIR"]), ("SAVED_IMAGES", pictures_folder(config))):
+        if not_a_folder(folder):
+            fail(f"{name}: {not_a_folder(folder)} is a file, so no folder can be made at {folder}")
+    levels = len(config["FEATURES"])
+    if (config["IMAGE_HEIGHT"] >> levels) * (config["IMAGE_WIDTH"] >> levels) < 2:
+        fail(f"IMAGE_HEIGHT x IMAGE_WIDTH {config['IMAGE_HEIGHT']}x{config['IMAGE_WIDTH']} leaves the {levels}-level "
+             f"UNet's bottleneck one pixel, where BatchNorm has one value per channel from a 1-image batch: "
+             f"make one side at least {2 ** (levels + 1)}")
     try:
         get_device(config["DEVICE"])
     except ValueError as error:
@@ -246,11 +254,19 @@ def load_samples(config, rank=0):
             raise SystemExit(f"error: {splits['train'][0]} has {len(train)} usable image/mask pair{'s' * (len(train) != 1)}{listed}; "
                              f"training needs at least 2, one to train on and one to validate: add photos with masks")
         cars = {data.car_id(s.image) for s in train}
+        unnamed = [s.image.name for s in train if not data.has_car_id(s.image)]
         train, val = data.split_by_car(train, config["VAL_FRACTION"], config["SEED"])
         if len(cars) < 2 and rank == 0:
             print(f"warning: all {len(train) + len(val)} photos in {splits['train'][0]} are of one car ({cars.pop()}): "
                   f"validation holds out {len(val)} of them, so it shares that car with training and its scores "
                   f"read high; photos of other cars (or a val_images/ folder) give a fair score", file=sys.stderr)
+        elif unnamed and rank == 0:
+            shown = ", ".join(unnamed[:2]) + (", ..." if len(unnamed) > 2 else "")
+            print(f"warning: {len(unnamed)} of the {len(train) + len(val)} photos in {splits['train'][0]} have no car "
+                  f"id in their names ({shown}; Carvana's are <car id>_<angle>), so each is held out or trained on "
+                  f"alone: photos of one car may fall on both sides, and validation then shares that car with "
+                  f"training and its scores read high; names such as <car>_01.jpg (or a val_images/ folder) give "
+                  f"a fair score", file=sys.stderr)
     if not train or not val:
         raise SystemExit(f"error: {config['DATA_DIR']} has {len(train)} usable training and {len(val)} validation "
                          f"images{listed}; both must be at least 1")
@@ -749,14 +765,20 @@ def record_epoch(config, epoch, train_loss, metrics, started, history, state, im
                     "dice": f"{metrics['dice']:.5f}", "pixel_accuracy": f"{metrics['pixel_accuracy']:.5f}",
                     "learning_rate": f"{state['optimizer']['param_groups'][0]['lr']:.3g}",
                     "seconds": f"{time.time() - started:.1f}"})
-    write_history(history, checkpoints / "history.csv")
-    if improved:
-        save_checkpoint(state, checkpoints / "best.pt")
-        print(f"  new best Dice: saved {checkpoints / 'best.pt'}")
-        # The same bytes: last.pt becomes a second name for best.pt (a copy where links are not allowed).
-        link_checkpoint(checkpoints / "best.pt", checkpoints / "last.pt", state)
-    else:
-        save_checkpoint(state, checkpoints / "last.pt")
+    try:
+        write_history(history, checkpoints / "history.csv")
+        if improved:
+            save_checkpoint(state, checkpoints / "best.pt")
+            print(f"  new best Dice: saved {checkpoints / 'best.pt'}")
+            # The same bytes: last.pt becomes a second name for best.pt (a copy where links are not allowed).
+            link_checkpoint(checkpoints / "best.pt", checkpoints / "last.pt", state)
+        else:
+            save_checkpoint(state, checkpoints / "last.pt")
+    except OSError as error:  # a full disk or a lost Drive mount: the files on disk are still whole
+        kept = resume_file(checkpoints)
+        raise SystemExit(f"error: cannot save epoch {epoch + 1} in {checkpoints} ({error.strerror or error}); the "
+                         f"last good checkpoint is {kept if kept.is_file() else 'none yet'}: free some space, then "
+                         f"continue with --LOAD_MODEL=true") from None
 
 if __name__ == "__main__":
     main()

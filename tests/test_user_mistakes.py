@@ -137,3 +137,80 @@ def test_a_resume_from_non_finite_weights_is_refused_naming_the_file(tmp_path, s
     with pytest.raises(SystemExit, match=r"cannot resume .*last.pt holds NaN or infinite weights") as error:
         train.main([*tiny_args(tmp_path, synthetic_root, 2), "--LOAD_MODEL=true"])
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["CHECKPOINT_DIR", "SAVED_IMAGES"])
+def test_a_folder_setting_that_names_a_file_stops_before_training(tmp_path, synthetic_root, name):
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(SystemExit, match=rf"{name}: .*taken is a file") as error:
+        train.main([*tiny_args(tmp_path, synthetic_root, 1), f"--{name}={tmp_path / 'taken'}"])
+    assert "\n" not in str(error.value) and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_full_disk_at_a_save_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_root, monkeypatch):
+    import errno
+
+    import utils
+
+    train.main(tiny_args(tmp_path, synthetic_root, 1))
+    real = utils.torch.save
+
+    def full(state, stream):
+        real(state, stream)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(utils.torch, "save", full)
+    with pytest.raises(SystemExit, match=r"cannot save epoch 2 .*No space left on device.*last good checkpoint is "
+                                         r".*\.pt.*--LOAD_MODEL=true") as error:
+        train.main([*tiny_args(tmp_path, synthetic_root, 2), "--LOAD_MODEL=true"])
+    assert "\n" not in str(error.value)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
+
+
+def test_a_one_pixel_bottleneck_is_refused_up_front():
+    with pytest.raises(SystemExit, match=r"4x4 leaves the 2-level UNet's bottleneck one pixel.*at least 8"):
+        train.parse_settings(["--IMAGE_HEIGHT=4", "--IMAGE_WIDTH=4", "--BATCH_SIZE=3", "--FEATURES=4,8"])
+    train.parse_settings(["--IMAGE_HEIGHT=4", "--IMAGE_WIDTH=8", "--BATCH_SIZE=3", "--FEATURES=4,8"])
+
+
+def camera_named_folder(tmp_path, synthetic_root):
+    """The synthetic photos renamed as two cameras name them: IMG_0001.jpg ... and DSC_0045.jpg ..."""
+    import synthetic
+
+    source = tmp_path / "source"
+    synthetic.make_synthetic(source, cars=16, angles=4, size=(96, 64), progress=False)
+    root = tmp_path / "camera"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for number, image in enumerate(sorted((source / "train").glob("*.jpg")), 1):
+        name = f"{'IMG' if number <= 44 else 'DSC'}_{number:04d}"
+        shutil.copy(image, root / "images" / f"{name}.jpg")
+        shutil.copy(source / "train_masks" / f"{image.stem}_mask.gif", root / "masks" / f"{name}.gif")
+    return root
+
+
+def test_camera_names_are_split_by_photo_with_a_warning(tmp_path, synthetic_root, capsys):
+    root = camera_named_folder(tmp_path, synthetic_root)
+    config = {**train.defaults(), "DATA_DIR": str(root), "CACHE_DIR": "", "VAL_FRACTION": 0.2}
+    for seed in (1, 2, 3):
+        training, validation = train.load_samples({**config, "SEED": seed})
+        assert len(validation) in (12, 13) and len(training) + len(validation) == 64
+    err = capsys.readouterr().err
+    assert "64 of the 64 photos in" in err and "have no car id in their names (DSC_0045.jpg" in err
+
+
+def test_a_second_mask_and_a_broken_link_are_named_not_ignored(tmp_path, synthetic_root):
+    import dataset as data
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    mask = min((root / "train_masks").glob("*.gif"))
+    shutil.copy(mask, mask.with_suffix(".GIF"))
+    (root / "train" / "moved.jpg").symlink_to(tmp_path / "elsewhere" / "moved.jpg")
+    samples, problems = data.scan_pairs(root / "train", root / "train_masks", progress=False)
+    reasons = {path.name: reason for path, reason in problems}
+    assert reasons[mask.with_suffix(".GIF").name] == f"not used: {mask.stem.removesuffix('_mask')}.jpg has another mask, {mask.name}"
+    assert reasons["moved.jpg"].startswith("a symbolic link to ") and reasons["moved.jpg"].endswith("which does not exist")
+    assert len(samples) == 16
