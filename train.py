@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 import dataset as data
 import synthetic
-from files import make_run_folder, not_a_folder, replacing
+from files import make_run_folder, not_a_folder, replacing, write_text
 from model import UNet
 from utils import (
     CheckpointError,
@@ -666,7 +666,7 @@ def run(config, given, rank, world_size, device):
     if rank == 0:
         make_run_folder(checkpoints)
         # The held-out images, for `predict.py --input CHECKPOINT_DIR/val_files.txt --masks ...`.
-        (checkpoints / "val_files.txt").write_text("".join(f"{s.image}\n" for s in val_samples))
+        write_text(checkpoints / "val_files.txt", "".join(f"{s.image}\n" for s in val_samples))
     metrics, train_seconds, trained_images, worst, curves_drawn = None, 0.0, 0, None, time.time()
     for epoch in range(start_epoch, config["NUM_EPOCHS"]):
         started = time.time()
