@@ -6,7 +6,6 @@ python bench.py --epoch DIR    # also: one train.py epoch on DIR before and afte
 Ratios are only meaningful between rows of the same run on the same machine.
 """
 import argparse
-import contextlib
 import sys
 import tempfile
 import time
@@ -15,12 +14,13 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import dataset as data
-import model as model_module
+import data_folder
+import dataset
 import synthetic
 import train
+from cache import ResizedCache
 from model import UNet
-from utils import autocast, autocast_dtype, get_device, segmentation_loss
+from utils import autocast, autocast_dtype, forward, get_device, segmentation_loss
 
 
 def parse_args(argv):
@@ -71,36 +71,23 @@ class PeakMemory:
             self.peak = 1024 * (kib[0] if kib else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
-@contextlib.contextmanager
-def full_decoding():
-    """Every JPEG decoded at full size, as before reduced decoding."""
-    reduced = data.reduced_decode_flag
-    data.reduced_decode_flag = lambda *args: data.cv2.IMREAD_COLOR
-    try:
-        yield
-    finally:
-        data.reduced_decode_flag = reduced
-
-
 def data_rates(samples, size, count):
     """Images/s through CarvanaDataset (training transform included) in one process."""
     rates = {}
-    transform = data.train_transform()
+    transform = dataset.train_transform()
     with tempfile.TemporaryDirectory() as folder:
-        cache = data.ResizedCache(folder, "bench", samples, size)
+        cache = ResizedCache(folder, "bench", samples, size)
         started = time.perf_counter()
         cache.build()
         rates["cache build (once)"] = len(samples) / (time.perf_counter() - started)
-        modes = {"full decode + resize": (full_decoding, None), "reduced JPEG decode": (contextlib.nullcontext, None),
-                 "cache": (contextlib.nullcontext, cache)}
-        for name, (context, source) in modes.items():
-            dataset = data.CarvanaDataset(samples, transform, size, source)
-            with context():
-                dataset[0]
-                started = time.perf_counter()
-                for index in range(count):
-                    dataset[index % len(dataset)]
-                rates[name] = count / (time.perf_counter() - started)
+        modes = {"full decode + resize": (False, None), "reduced JPEG decode": (True, None), "cache": (True, cache)}
+        for name, (reduced, source) in modes.items():
+            images = dataset.CarvanaDataset(samples, transform, size, source, reduced_decoding=reduced)
+            images[0]
+            started = time.perf_counter()
+            for index in range(count):
+                images[index % len(images)]
+            rates[name] = count / (time.perf_counter() - started)
     return rates
 
 
@@ -118,33 +105,19 @@ def matmul_ceiling(device, dtype, size=4096, repeats=3):
     return 2 * size**3 / best
 
 
-@contextlib.contextmanager
-def plain_layers():
-    """The step as it was before model.upsample and the fused Adam: ConvTranspose2d modules and
-    Adam's per-weight updates."""
-    upsample, make_optimizer = model_module.upsample, train.make_optimizer
-    model_module.upsample = lambda up, x: up(x)
-    train.make_optimizer = lambda model, config: torch.optim.Adam(model.parameters(), lr=config["LEARNING_RATE"])
-    try:
-        yield
-    finally:
-        model_module.upsample, train.make_optimizer = upsample, make_optimizer
-
-
-def training_rate(args, device, features, amp_dtype, channels_last, compile_model):
-    """(images/s, FLOP per step, peak bytes) of train.py's optimizer steps on random batches."""
+def training_rate(args, device, features, amp_dtype, channels_last, compile_model, fast_paths=True):
+    """(images/s, FLOP per step, peak bytes) of train.py's optimizer steps on random batches; without
+    fast_paths, with transposed convolutions and per-weight Adam."""
     torch.manual_seed(0)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = UNet(features=features).to(device, memory_format=memory_format)
-    optimizer = train.make_optimizer(model, train.defaults())
+    model = UNet(features=features, matmul_upsampling=fast_paths).to(device, memory_format=memory_format)
+    optimizer = train.make_optimizer(model, train.defaults(), fused=fast_paths)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     x = torch.randn(args.batch, 3, args.height, args.width, device=device).contiguous(memory_format=memory_format)
     y = (torch.rand(args.batch, 1, args.height, args.width, device=device) > 0.5).float()
 
     def step():
-        with autocast(device, amp_dtype):
-            logits = model(x)
-        loss = segmentation_loss(logits.float(), y)
+        loss = segmentation_loss(forward(model, x, device, amp_dtype), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -180,11 +153,11 @@ def inference_rate(args, device, features, amp_dtype):
     return args.batch * args.steps / (time.perf_counter() - started)
 
 
-def epoch_run(args, features, extra, folder):
+def epoch_run(args, features, extra, folder, fast_paths=True):
     """(wall seconds, training-loop images/s) of a whole one-epoch train.py run: start-up, scan,
     cache, the epoch, validation, checkpoints and pictures."""
     started = time.perf_counter()
-    result = train.main([f"--DATA_DIR={args.epoch}", f"--CHECKPOINT_DIR={folder}/checkpoints",
+    result = train.main(fast_paths=fast_paths, argv=[f"--DATA_DIR={args.epoch}", f"--CHECKPOINT_DIR={folder}/checkpoints",
                          f"--SAVED_IMAGES={folder}/images", "--NUM_EPOCHS=1", "--DEMO=false",
                          f"--FEATURES={','.join(map(str, features))}", f"--BATCH_SIZE={args.batch}",
                          f"--IMAGE_HEIGHT={args.height}", f"--IMAGE_WIDTH={args.width}", f"--DEVICE={args.device}",
@@ -193,13 +166,13 @@ def epoch_run(args, features, extra, folder):
 
 
 def epoch_rows(args, features, step_rate):
-    """One train.py epoch before (mixed precision as issue 2 asked, but NCHW, transposed convolutions,
-    per-weight Adam and full decoding every epoch) and after (channels-last, reduced decoding, cache,
-    compile), on the same folder; and the training loop's own rate next to the step's alone."""
+    """One train.py epoch before (mixed precision, but NCHW, transposed convolutions, per-weight Adam
+    and full decoding every epoch) and after (channels-last, reduced decoding, cache, compile), on the
+    same folder; and the training loop's own rate next to the step's alone."""
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        with full_decoding(), plain_layers():
-            before, _ = epoch_run(args, features, ["--CHANNELS_LAST=false", "--CACHE_DIR="], f"{folder}/before")
+        before, _ = epoch_run(args, features, ["--CHANNELS_LAST=false", "--CACHE_DIR="], f"{folder}/before",
+                              fast_paths=False)
         cache = f"--CACHE_DIR={folder}/cache"
         first, _ = epoch_run(args, features, [cache], f"{folder}/1")
         ready, loop_rate = epoch_run(args, features, [cache], f"{folder}/2")
@@ -225,11 +198,11 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as folder:
         if args.data:
-            splits = data.find_splits(args.data)
-            samples = data.scan_pairs(*splits["train"])[0][: args.images]
+            splits = data_folder.find_splits(args.data)
+            samples = data_folder.scan_pairs(*splits["train"])[0][: args.images]
         else:
             synthetic.make_synthetic(folder, cars=-(-args.images // 16), angles=min(16, args.images), progress=False)
-            samples = data.scan_pairs(Path(folder) / "train", Path(folder) / "train_masks")[0][: args.images]
+            samples = data_folder.scan_pairs(Path(folder) / "train", Path(folder) / "train_masks")[0][: args.images]
         rates = data_rates(samples, size, max(len(samples), 48))
     base = rates["full decode + resize"]
     source = f"{samples[0].width}x{samples[0].height} {'files of ' + args.data if args.data else 'synthetic'}"
@@ -241,17 +214,16 @@ def main(argv=None):
     if fast_dtype is not None:
         ceilings[fast_dtype] = matmul_ceiling(device, fast_dtype)
     fast = f"{fast_dtype} autocast, channels-last" if fast_dtype else "float32, channels-last"
-    paths = [("float32, NCHW", None, False, False, plain_layers), (f"{fast}, transposed convolutions, per-weight Adam",
-                                                                    fast_dtype, True, False, plain_layers),
-             (fast, fast_dtype, True, False, contextlib.nullcontext)]
+    paths = [("float32, NCHW", None, False, False, False),
+             (f"{fast}, transposed convolutions, per-weight Adam", fast_dtype, True, False, False),
+             (fast, fast_dtype, True, False, True)]
     if not args.no_compile:
-        paths.append((f"{fast}, compiled", fast_dtype, True, True, contextlib.nullcontext))
+        paths.append((f"{fast}, compiled", fast_dtype, True, True, True))
     base = None
-    for name, dtype, channels_last, compile_model, layers in paths:
-        with layers():
-            rate, flops, peak = training_rate(args, device, features, dtype, channels_last, compile_model)
+    for name, dtype, channels_last, compile_model, fast_paths in paths:
+        rate, flops, peak = training_rate(args, device, features, dtype, channels_last, compile_model, fast_paths)
         base = base or rate
-        if channels_last and not compile_model and layers is contextlib.nullcontext:
+        if channels_last and not compile_model and fast_paths:
             step_rate = rate  # train.py's default path: the rate its whole loop is compared with
         share = flops * rate / args.batch / ceilings[dtype or torch.float32]
         rows.append((f"train {name}", f"{rate:.2f} img/s", f"{rate / base:.2f}x"))

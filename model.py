@@ -28,8 +28,10 @@ class UNet(nn.Module):
     about 31M parameters.
     """
 
-    def __init__(self, in_channels=3, out_channels=1, features=DEFAULT_FEATURES):
+    def __init__(self, in_channels=3, out_channels=1, features=DEFAULT_FEATURES, matmul_upsampling=True):
         super().__init__()
+        # A speed path, not part of the architecture: the same weights and values either way.
+        self.matmul_upsampling = matmul_upsampling
         features = tuple(int(f) for f in features)
         if not features or min(features) < 1:
             raise ValueError(f"features must be positive channel counts, got {features}")
@@ -62,7 +64,7 @@ class UNet(nn.Module):
             x = self.pool(x)
         x = self.bottleneck(x)
         for up, up_conv, skip in zip(self.ups, self.up_convs, reversed(skips)):
-            x = upsample(up, x)
+            x = transposed_conv_as_matmul(up, x) if self.matmul_upsampling else up(x)
             # Pooling floors odd sizes, so the upsampled map can be one row or column short.
             dy, dx = skip.shape[-2] - x.shape[-2], skip.shape[-1] - x.shape[-1]
             if dy or dx:
@@ -71,11 +73,11 @@ class UNet(nn.Module):
         return self.head(x)
 
 
-def upsample(up, x):
+def transposed_conv_as_matmul(up, x):
     """up(x) for the 2x2, stride-2 ConvTranspose2d `up`. On a CPU with channels-last input, as one
     matrix product (each input pixel becomes a 2x2 block of outputs): the same weights and values,
-    but oneDNN's transposed convolution is slow for these shapes, its backward pass most of all,
-    and this makes the whole training step ~4% faster (bench.py's train row)."""
+    but oneDNN's transposed convolution is slow for these shapes, its backward pass most of all
+    (README: Performance)."""
     if x.device.type != "cpu" or not x.is_contiguous(memory_format=torch.channels_last):
         return up(x)
     batch, channels, height, width = x.shape
@@ -85,7 +87,3 @@ def upsample(up, x):
     y = F.linear(x.permute(0, 2, 3, 1), weight.t(), bias)  # x is NHWC in memory: no copy
     y = y.view(batch, height, width, 2, 2, outputs).transpose(2, 3).reshape(batch, 2 * height, 2 * width, outputs)
     return y.permute(0, 3, 1, 2)  # NCHW shape, channels-last memory, like up(x)
-
-
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters())

@@ -4,41 +4,40 @@ python predict.py --checkpoint checkpoints/best.pt --input data/test [--masks da
 python predict.py --checkpoint checkpoints/best.pt --input data/test --submission submission.csv --no-images
 """
 import argparse
-import hashlib
-import json
 import os
-import shutil
 import sys
-from collections import Counter, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-import dataset as data
-from files import not_a_folder, replacing, write_text
+import data_folder
+import image_files
+from dataset import to_tensor, val_transform
+from files import not_a_folder
+from pictures import WorstImages, overlay
+from submission import RowEncoder, Submission, duplicate_names, rle_encode, submission_source, unusable_names
 from utils import (
     THRESHOLDS,
     CheckpointError,
-    WorstImages,
     all_finite,
-    autocast,
     autocast_dtype,
+    available_cores,
     dice_by_threshold,
     dice_numpy,
+    forward,
     get_device,
     load_checkpoint,
     model_from_checkpoint,
-    overlay,
-    to_model_input,
+    resize_on_device,
+    resize_probability,
 )
 
-SUBMISSION_HEADER = "img,rle_mask\n"
 ENCODER_THREADS = 2  # CPU threads making submission rows while the model runs
 
 
@@ -74,7 +73,7 @@ def parse_args(argv):
 def input_files(path):
     path = Path(path)
     if path.is_dir():
-        return data.visible_files(path)
+        return data_folder.visible_files(path)
     if path.suffix.lower() == ".txt" and path.is_file():
         return listed_files(path)
     return [path] if path.is_file() else []
@@ -141,239 +140,70 @@ def output_names(paths):
         for path in deeper:
             depth[path] += 1
 
+class Photo(NamedTuple):
+    path: Path
+    size: tuple | None           # (height, width) of the photo as displayed
+    tensor: torch.Tensor | None  # at the model's size, ready for it
+    image: np.ndarray | None     # the photo itself, where masks, overlays or scores need it
+    problem: str | None = None   # why it cannot be predicted
+
 
 class ImageFiles(Dataset):
-    """(path, full (height, width), model-ready tensor, full image or None), so that loader workers
-    decode while the model runs. An unreadable file comes back as (path, its reason, None, None).
-    `reduced`: no full-size image is needed, so JPEGs are decoded at libjpeg's largest DCT-domain
-    reduction that still covers the model's size (1918x1280 -> 240x160 directly, ~4x faster)."""
+    """Photos, decoded by loader workers while the model runs. An unreadable file comes back as a
+    Photo with its problem. `reduced`: no full-size image is needed, so JPEGs are decoded at libjpeg's
+    largest DCT-domain reduction that still covers the model's size (1918x1280 straight to 240x160)."""
 
     def __init__(self, paths, image_size, keep_image, reduced=False):
         self.paths, self.size, self.keep_image, self.reduced = paths, tuple(image_size), keep_image, reduced
-        self.transform = data.val_transform()
+        self.transform = val_transform()
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
         path = self.paths[index]
-        problem, displayed = data.image_problem(path)  # displayed: data.image_size's (width, height)
-        if problem:
-            return path, problem, None, None
+        checked = image_files.image_problem(path)
+        if checked.problem:
+            return Photo(path, None, None, None, checked.problem)
         try:
             if self.reduced:
-                width, height = displayed
-                image, small = None, data.load_image(path, self.size, displayed)
+                (width, height), image = checked.size, None
+                small = image_files.load_image(path, self.size, checked.size)
             else:
-                image = data.read_image(path)
-                (height, width), small = image.shape[:2], data.shrink_image(image, self.size)
+                image = image_files.read_image(path)
+                (height, width), small = image.shape[:2], image_files.shrink_image(image, self.size)
         except (OSError, ValueError, cv2.error):
-            return path, "cannot decode image", None, None
-        x = data.to_tensor(self.transform(image=small)["image"])
-        return path, (height, width), x, image if self.keep_image else None
+            return Photo(path, None, None, None, "cannot decode image")
+        x = to_tensor(self.transform(image=small)["image"])
+        return Photo(path, (height, width), x, image if self.keep_image else None)
 
 
 def as_list(batch):
     return batch
 
 
-@torch.no_grad()
-def model_probabilities(model, x, device, amp_dtype, tta=False):
-    """Car probability (float32, N x 1 x model size) of a batch, on the device."""
-    x = to_model_input(x, model, device)
-    with autocast(device, amp_dtype):
-        probability = torch.sigmoid(model(x).float())
-        if tta:  # the flip's prediction, flipped back
-            probability = (probability + torch.sigmoid(model(x.flip(3)).float()).flip(3)) / 2
-    return probability
+class Predictor:
+    """A checkpoint's model run on batches of photos, in mixed precision where it helps."""
 
+    def __init__(self, model, device, amp_dtype, tta=False):
+        self.model, self.device, self.amp_dtype, self.tta = model, device, amp_dtype, tta
 
-def upsample(probability, size):
-    """One image's probability (a 2-D float32 array) at size (height, width), bilinear with pixel
-    centres aligned: the same values as torch's align_corners=False, ~9x faster on a CPU."""
-    return cv2.resize(probability, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    @torch.no_grad()
+    def at_model_size(self, x):
+        """Car probability (float32, N x 1 x the model's size) of a batch, on the device; with tta the
+        mean with the mirror image's, mirrored back."""
+        probability = torch.sigmoid(forward(self.model, x, self.device, self.amp_dtype))
+        if self.tta:
+            probability = (probability + torch.sigmoid(forward(self.model, x.flip(3), self.device,
+                                                               self.amp_dtype)).flip(3)) / 2
+        return probability
 
-
-@torch.no_grad()
-def probabilities(model, x, sizes, device, amp_dtype, tta=False):
-    """Car probability for each image of a batch, upsampled to each image's own size."""
-    probability = model_probabilities(model, x, device, amp_dtype, tta)
-    if device.type == "cpu":
-        return [upsample(p, size) for p, size in zip(probability[:, 0].numpy(), sizes)]
-    return [F.interpolate(probability[i:i + 1], size=size, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
-            for i, size in enumerate(sizes)]
-
-
-def run_length_text(mask):
-    """Kaggle's run-length text of a mask, exactly utils.rle_encode's, ~5x faster: one comparison of
-    each flattened pixel with the next finds every run's start and end."""
-    flat = np.ascontiguousarray(mask).reshape(-1)
-    flat = (flat if flat.dtype == bool else flat != 0).view(np.uint8)
-    if not flat.size:
-        return ""
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 2  # 1-indexed first pixel after each change
-    edges = np.concatenate((np.array([1] if flat[0] else [], np.int64), changes,
-                            np.array([flat.size + 1] if flat[-1] else [], np.int64)))
-    return runs_text(edges)
-
-
-def runs_text(edges):
-    """"start length ..." from 1-indexed run edges (start, end + 1, start, end + 1, ...)."""
-    edges = np.asarray(edges, np.int64)
-    edges[1::2] -= edges[::2]
-    return " ".join(map(str, edges.tolist()))
-
-
-def cpu_row(probability, size, threshold):
-    """A submission row's run-length text from one low-resolution probability (a pool thread's work:
-    cv2 and numpy release the GIL)."""
-    return run_length_text(upsample(probability, size) > threshold)
-
-
-@torch.no_grad()
-def device_rows(probability, sizes, threshold):
-    """Run-length texts of a batch's masks, made where the batch is: the upsampling, threshold and
-    run edges run on the device and only the edges are copied back."""
-    rows = [None] * len(sizes)
-    for size in dict.fromkeys(sizes):
-        chosen = [i for i, other in enumerate(sizes) if other == size]
-        mask = F.interpolate(probability[chosen], size=size, mode="bilinear", align_corners=False)[:, 0] > threshold
-        flat = mask.flatten(1)
-        border = flat.new_zeros(len(chosen), 1)
-        flat = torch.cat((border, flat, border), 1)  # every run starts and ends inside
-        image, edge = torch.nonzero(flat[:, 1:] != flat[:, :-1], as_tuple=True)
-        counts = torch.bincount(image, minlength=len(chosen)).cpu().numpy()
-        edges = np.split((edge + 1).cpu().numpy(), np.cumsum(counts)[:-1])
-        for i, image_edges in zip(chosen, edges):
-            rows[i] = runs_text(image_edges)
-    return rows
-
-
-class Submission:
-    """img,rle_mask rows appended and flushed one by one, so the file only grows by whole rows; a
-    resume drops a row cut off by the interruption with one atomic replacement. Beside it,
-    `<file>.source` records the model and options that made its rows: a resume with others is refused."""
-
-    def __init__(self, path, resume, source):
-        self.path, self.done = Path(path), set()
-        record = self.path.with_name(f"{self.path.name}.source")
-        if self.path.exists() and not resume:
-            raise SystemExit(f"error: {self.path} exists: pass --resume to continue it, or remove it")
-        if resume and self.path.exists():
-            self.check_source(record, source)
-            self.done = self.complete_rows()
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_text(record, json.dumps(source, indent=1))
-            with open(self.path, "x") as stream:
-                stream.write(SUBMISSION_HEADER)
-        self.stream = open(self.path, "a", buffering=1)  # noqa: SIM115  (closed in close())
-
-    def check_source(self, record, source):
-        try:
-            saved = json.loads(record.read_text())
-        except (OSError, ValueError):
-            print(f"warning: {record} is missing, so nothing tells which model wrote the rows in {self.path}: "
-                  f"continuing them with {source['checkpoint']}", file=sys.stderr)
-            return
-        changed = [name for name in source if name != "checkpoint" and saved.get(name) != source[name]]
-        if changed:
-            what = "model" if changed == ["model"] else ", ".join(changed)
-            raise SystemExit(f"error: {self.path} holds rows made with another {what} (by {saved.get('checkpoint')}"
-                             f"): resuming it with {source['checkpoint']} would mix two models; write a new file")
-
-    def complete_rows(self):
-        """Names of the complete rows; a cut-off last row is dropped (the file atomically replaced)."""
-        done, length = set(), 0
-        with open(self.path, newline="") as stream:
-            first = stream.readline()
-            if first and first != SUBMISSION_HEADER:
-                raise SystemExit(f"error: {self.path} is not a submission (its first line is not img,rle_mask)")
-            length = len(first.encode()) if first.endswith("\n") else 0
-            for line in stream:
-                if not line.endswith("\n"):
-                    break
-                done.add(line.split(",", 1)[0])
-                length += len(line.encode())
-        if length != self.path.stat().st_size:
-            with open(self.path, "rb") as source, replacing(self.path) as copy:
-                if length == 0:
-                    copy.write(SUBMISSION_HEADER.encode())
-                else:
-                    shutil.copyfileobj(LimitedReader(source, length), copy)
-        return done
-
-    def add(self, name, text):
-        """One row: the image's file name and its mask's run-length text."""
-        self.stream.write(f"{name},{text}\n")
-
-    def close(self):
-        self.stream.close()
-
-
-class LimitedReader:
-    """The first `limit` bytes of a binary stream."""
-
-    def __init__(self, stream, limit):
-        self.stream, self.left = stream, limit
-
-    def read(self, size=-1):
-        size = self.left if size < 0 else min(size, self.left)
-        chunk = self.stream.read(size)
-        self.left -= len(chunk)
-        return chunk
-
-
-def submission_source(checkpoint, state, threshold, tta):
-    """What makes a submission's rows: the model's weights (a digest), its input size, the threshold
-    and TTA. Rows made with other values do not belong in the same file."""
-    digest = hashlib.sha1()
-    for name, tensor in sorted(state["model"].items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return {"checkpoint": str(checkpoint), "model": digest.hexdigest(), "image_size": list(state["image_size"]),
-            "threshold": threshold, "tta": tta}
-
-
-def unusable_names(paths):
-    """File names that cannot be a field of Kaggle's CSV rows (a comma, quote or line break)."""
-    return sorted({path.name for path in paths if any(mark in path.name for mark in ',"\n\r')})
-
-
-class RowEncoder:
-    """Submission rows from batches of model-size probabilities, written in input order. On a GPU
-    the rows are made on the device (device_rows); on a CPU `threads` threads make them while the
-    main thread runs the model, at most `ahead` images behind it."""
-
-    def __init__(self, device, threshold, threads, ahead):
-        self.threshold, self.ahead, self.pending, self.written = threshold, ahead, deque(), 0
-        self.pool = ThreadPoolExecutor(threads, "encoder") if device.type == "cpu" and threads else None
-        self.device = device
-
-    def add(self, paths, probability, sizes):
-        if self.device.type != "cpu":
-            self.pending.extend(zip(paths, device_rows(probability, sizes, self.threshold)))
-            return
-        for path, small, size in zip(paths, probability[:, 0].numpy(), sizes):
-            row = self.pool.submit(cpu_row, small, size, self.threshold) if self.pool else cpu_row(
-                small, size, self.threshold)
-            self.pending.append((path, row))
-
-    def write(self, submission, everything=False):
-        """Write the finished rows at the head of the queue (all of them with `everything`, and
-        waiting for rows when the queue is longer than `ahead`)."""
-        while self.pending and (everything or len(self.pending) > self.ahead or finished(self.pending[0][1])):
-            path, row = self.pending.popleft()
-            submission.add(path.name, row.result() if isinstance(row, Future) else row)
-            self.written += 1
-
-    def close(self):
-        if self.pool:
-            self.pool.shutdown(cancel_futures=True)
-
-
-def finished(row):
-    return not isinstance(row, Future) or row.done()
+    def at_full_size(self, x, sizes):
+        """Car probability of each photo of a batch at the photo's own (height, width)."""
+        probability = self.at_model_size(x)
+        if self.device.type == "cpu":
+            return [resize_probability(p, size) for p, size in zip(probability[:, 0].numpy(), sizes)]
+        return [resize_on_device(probability[i:i + 1], size)[0, 0].cpu().numpy() for i, size in enumerate(sizes)]
 
 
 class Scores:
@@ -423,73 +253,57 @@ class Scores:
 
 
 def read_truth(image_path, mask_dir):
-    mask_path = data.find_mask(image_path, mask_dir)
+    mask_path = data_folder.find_mask(image_path, mask_dir)
     try:
-        return data.read_mask(mask_path) if mask_path else None
+        return image_files.read_mask(mask_path) if mask_path else None
     except ValueError:
         return None
 
 
-def write_outputs(path, name, image, mask, probability, args, submission, scores):
-    """Everything asked for one image: mask and overlay files called `name`_..., a submission row,
-    its scores."""
-    if not args.no_images:
-        output = Path(args.output)
-        cv2.imwrite(str(output / f"{name}_mask.png"), mask.astype(np.uint8) * 255)
-        cv2.imwrite(str(output / f"{name}_overlay.jpg"), cv2.cvtColor(overlay(image, mask), cv2.COLOR_RGB2BGR))
-    if submission:
-        submission.add(path.name, run_length_text(mask))
-    if scores:
-        scores.add(path, image, probability, mask, read_truth(path, args.masks))
+class Outputs:
+    """Everything asked for each photo: mask and overlay files, a submission row, scores. With an
+    encoder (a RowEncoder) only submission rows, made from model-size probabilities."""
 
-
-class Predictor:
-    """The model and everything asked for its predictions; `finished` counts the images done."""
-
-    def __init__(self, model, device, amp_dtype, threshold, args, names, submission, scores, encoder):
-        self.model, self.device, self.amp_dtype, self.threshold = model, device, amp_dtype, threshold
-        self.args, self.names, self.submission, self.scores, self.encoder = args, names, submission, scores, encoder
-        self.written = 0
+    def __init__(self, args, names, threshold, submission, scores, encoder):
+        self.args, self.names, self.threshold = args, names, threshold
+        self.submission, self.scores, self.encoder, self.written = submission, scores, encoder, 0
 
     @property
     def finished(self):
+        """Photos whose outputs are all written."""
         return self.encoder.written if self.encoder else self.written
 
-    def batch(self, items):
-        x, sizes = torch.stack([item[2] for item in items]), [item[1] for item in items]
-        if self.encoder:  # submission rows only: low-resolution probabilities to the encoder
-            probability = model_probabilities(self.model, x, self.device, self.amp_dtype, self.args.tta)
-            self.encoder.add([item[0] for item in items], probability, sizes)
+    def add(self, predictor, photos):
+        x, sizes = torch.stack([photo.tensor for photo in photos]), [photo.size for photo in photos]
+        if self.encoder:
+            self.encoder.add([photo.path for photo in photos], predictor.at_model_size(x), sizes)
             self.encoder.write(self.submission)
             return
-        for (path, _, _, image), probability in zip(items, probabilities(self.model, x, sizes, self.device,
-                                                                         self.amp_dtype, self.args.tta)):
-            write_outputs(path, self.names[path], image, probability > self.threshold, probability, self.args,
-                          self.submission, self.scores)
+        for photo, probability in zip(photos, predictor.at_full_size(x, sizes)):
+            self.write(photo, probability > self.threshold, probability)
             self.written += 1
 
-
-def duplicate_names(paths):
-    """File names that more than one input has (Kaggle keys submission rows by file name)."""
-    counts = Counter(path.name for path in paths)
-    return sorted(name for name, count in counts.items() if count > 1)
-
-
-def cpu_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    def write(self, photo, mask, probability):
+        if not self.args.no_images:
+            output, name = Path(self.args.output), self.names[photo.path]
+            cv2.imwrite(str(output / f"{name}_mask.png"), mask.astype(np.uint8) * 255)
+            cv2.imwrite(str(output / f"{name}_overlay.jpg"), cv2.cvtColor(overlay(photo.image, mask), cv2.COLOR_RGB2BGR))
+        if self.submission:
+            self.submission.add(photo.path.name, rle_encode(mask))
+        if self.scores:
+            self.scores.add(photo.path, photo.image, probability, mask, read_truth(photo.path, self.args.masks))
 
 
 def default_workers(device):
     """Decoding processes: on a GPU machine enough to keep the GPU busy; on a CPU the model needs
     most of the cores, so a quarter of them (at least one)."""
-    return min(8, cpu_cores()) if device.type != "cpu" else max(1, cpu_cores() // 4)
+    return min(8, available_cores()) if device.type != "cpu" else max(1, available_cores() // 4)
 
 
 def model_threads(workers):
     """CPU threads for the model: the cores the decoding processes leave. More would share cores
-    with them, and torch's threads wait for each other at every layer: on 2 cores, 2 threads and
-    one decoding process predicted 5x slower than 1 thread and one process."""
-    return max(1, cpu_cores() - workers)
+    with them, and torch's threads wait for each other at every layer (README: Prediction)."""
+    return max(1, available_cores() - workers)
 
 
 def main(argv=None):
@@ -500,11 +314,7 @@ def main(argv=None):
         return 2
     try:
         device = get_device(args.device)
-        state = load_checkpoint(args.checkpoint, device)
-        if not all_finite(state["model"].values()):
-            raise CheckpointError(f"{args.checkpoint}: its weights hold NaN or infinite values; use another "
-                                  f"checkpoint of the run (best.pt, last.pt)")
-        model = model_from_checkpoint(state, device).to(memory_format=torch.channels_last)
+        state, predictor = load_predictor(args, device)
         paths = input_files(args.input)
     except (CheckpointError, ValueError) as error:
         message = str(error) if str(args.checkpoint) in str(error) or isinstance(error, ValueError) else \
@@ -512,21 +322,9 @@ def main(argv=None):
         print(f"error: {message}", file=sys.stderr)
         return 2
     threshold = args.threshold if args.threshold is not None else state.get("threshold", 0.5)
-    amp_dtype = None if args.no_amp else autocast_dtype(device)
-    if not paths:
-        print(f"error: no images found at {args.input}", file=sys.stderr)
-        return 1
-    clashing = duplicate_names(paths) if args.submission else []
-    if clashing:
-        print(f"error: {len(clashing)} file name(s) belong to more than one input ({', '.join(clashing[:5])}"
-              f"{' ...' if len(clashing) > 5 else ''}) and Kaggle keys submission rows by file name: "
-              f"submit one folder at a time", file=sys.stderr)
-        return 1
-    unusable = unusable_names(paths) if args.submission else []
-    if unusable:
-        print(f"error: {len(unusable)} file name(s) cannot be a submission row ({', '.join(map(repr, unusable[:5]))}"
-              f"{' ...' if len(unusable) > 5 else ''}: a comma, quote or line break would split the row); rename "
-              f"them", file=sys.stderr)
+    problem = input_problem(paths, args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 1
     names = output_names(paths)
     source = submission_source(args.checkpoint, state, threshold, args.tta) if args.submission else None
@@ -549,24 +347,24 @@ def main(argv=None):
     loader = DataLoader(ImageFiles(paths, state["image_size"], keep_image, reduced=rows_only),
                         batch_size=args.batch_size, num_workers=workers, collate_fn=as_list)
     encoder = RowEncoder(device, threshold, ENCODER_THREADS, 2 * args.batch_size) if rows_only else None
-    predictor = Predictor(model, device, amp_dtype, threshold, args, names, submission, scores, encoder)
+    outputs = Outputs(args, names, threshold, submission, scores, encoder)
     skipped = []
     try:
         with tqdm(total=len(paths), desc="predicting", unit="img") as progress:
             for batch in loader:
-                for path, problem, x, _ in batch:
-                    if x is None:
-                        skipped.append(path)
-                        progress.write(f"warning: skipping {path}: {problem}", file=sys.stderr)
-                good = [item for item in batch if item[2] is not None]
+                for photo in batch:
+                    if photo.problem:
+                        skipped.append(photo.path)
+                        progress.write(f"warning: skipping {photo.path}: {photo.problem}", file=sys.stderr)
+                good = [photo for photo in batch if not photo.problem]
                 if good:
-                    predictor.batch(good)
+                    outputs.add(predictor, good)
                 progress.update(len(batch))
             if encoder:
                 encoder.write(submission, everything=True)
     except KeyboardInterrupt:
         resume = f"; the same command with --resume finishes {args.submission}" if submission else ""
-        print(f"\ninterrupted after {predictor.finished} images{resume}", file=sys.stderr)
+        print(f"\ninterrupted after {outputs.finished} images{resume}", file=sys.stderr)
         return 130
     finally:
         torch.set_num_threads(threads_before)
@@ -574,8 +372,39 @@ def main(argv=None):
             encoder.close()
         if submission:
             submission.close()
+    return summarize(args, outputs, skipped, threshold, output)
 
-    predicted = predictor.finished
+
+def load_predictor(args, device):
+    """(checkpoint state, Predictor), or CheckpointError saying why the checkpoint cannot predict."""
+    state = load_checkpoint(args.checkpoint, device)
+    if not all_finite(state["model"].values()):
+        raise CheckpointError(f"{args.checkpoint}: its weights hold NaN or infinite values; use another "
+                              f"checkpoint of the run (best.pt, last.pt)")
+    model = model_from_checkpoint(state, device).to(memory_format=torch.channels_last)
+    return state, Predictor(model, device, None if args.no_amp else autocast_dtype(device), args.tta)
+
+
+def input_problem(paths, args):
+    """Why these inputs cannot be predicted as asked, in one line, or None."""
+    if not paths:
+        return f"no images found at {args.input}"
+    clashing = duplicate_names(paths) if args.submission else []
+    if clashing:
+        return (f"{len(clashing)} file name(s) belong to more than one input ({', '.join(clashing[:5])}"
+                f"{' ...' if len(clashing) > 5 else ''}) and Kaggle keys submission rows by file name: "
+                f"submit one folder at a time")
+    unusable = unusable_names(paths) if args.submission else []
+    if unusable:
+        return (f"{len(unusable)} file name(s) cannot be a submission row ({', '.join(map(repr, unusable[:5]))}"
+                f"{' ...' if len(unusable) > 5 else ''}: a comma, quote or line break would split the row); rename "
+                f"them")
+    return None
+
+
+def summarize(args, outputs, skipped, threshold, output):
+    """Print what was written and scored; the exit status."""
+    predicted, submission = outputs.finished, outputs.submission
     if predicted == 0 and not (submission and submission.done):
         print("error: no image could be predicted", file=sys.stderr)
         return 1
@@ -584,9 +413,9 @@ def main(argv=None):
               f"and overlays to {output}/")
     if skipped:
         print(f"{len(skipped)} input(s) could not be read and were skipped (named above)", file=sys.stderr)
-    if scores:
-        scores.report(threshold, args.masks, output.parent / "worst_predictions.png"
-                      if args.no_images else output / "worst_predictions.png")
+    if outputs.scores:
+        outputs.scores.report(threshold, args.masks, output.parent / "worst_predictions.png"
+                              if args.no_images else output / "worst_predictions.png")
     if submission:
         print(f"submission: {args.submission} ({len(submission.done) + predicted} rows)")
         if skipped:  # Kaggle refuses a file without a row for every test image

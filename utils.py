@@ -1,4 +1,6 @@
-"""Devices, seeds, metrics, checkpoints, run-length encoding and prediction pictures."""
+"""Devices and seeds, the model's forward step, metrics and losses, checkpoints, and the prediction
+pictures that training writes."""
+import copy
 import os
 import random
 from contextlib import nullcontext
@@ -9,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from files import replacing
+from pictures import draw_panels, mask_to_rgb
 
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and torch.compile
 
@@ -35,6 +38,17 @@ def get_device(name="auto"):
     return device
 
 
+def available_cores():
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def wait_for_other_processes():
+    """Under torchrun, wait until every process gets here; alone, nothing to wait for."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -56,20 +70,50 @@ def autocast_dtype(device, choice="auto"):
     return None
 
 
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def resize_probability(probability, size):
+    """One image's probability (a 2-D float32 array) at size (height, width), bilinear with pixel
+    centres aligned: the same values as torch's align_corners=False, and faster on a CPU."""
+    import cv2
+
+    return cv2.resize(probability, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def resize_on_device(probability, size):
+    """resize_probability of a batch (N, 1, h, w) where it is."""
+    return F.interpolate(probability, size=size, mode="bilinear", align_corners=False)
+
+
+def forward(model, x, device, amp_dtype=None):
+    """The model's float32 logits of a batch, run on the device in its memory format and mixed
+    precision: the one forward step of training, validation and prediction."""
+    with autocast(device, amp_dtype):
+        return model(to_model_input(x, model, device)).float()
+
+
 def all_finite(tensors):
     """True when every floating-point tensor holds only finite numbers."""
     return all(bool(torch.isfinite(t).all()) for t in tensors if torch.is_tensor(t) and t.is_floating_point())
 
 
-class WeightAverage:
-    """An exponential moving average of a model's weights and BatchNorm statistics, the model that
-    is validated and saved: it moves less between epochs than the weights the optimizer steps.
-    The decay ramps up from 0 over the first steps, (1 + n) / (10 + n), so a short run is not
-    dominated by its random initial weights."""
+def to_model_input(x, model, device):
+    """A batch on the device in the model's memory format (channels-last when the model is)."""
+    weight = next(model.parameters())
+    channels_last = weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)
+    return x.to(device, non_blocking=True).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+class ExponentialMovingAverage:
+    """An exponential moving average of a model's weights (EMA_DECAY), the model that is validated
+    and saved: it moves less between epochs than the weights the optimizer steps. The decay ramps
+    up from 0 over the first steps, (1 + n) / (10 + n), so a short run is not dominated by its
+    random initial weights."""
 
     def __init__(self, model, decay):
-        import copy
-
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.steps = decay, 0
 
@@ -102,29 +146,13 @@ def recompute_batchnorm(model, loader, device, amp_dtype=None):
     model.train()
     images = 0
     for x, _ in loader:
-        with autocast(device, amp_dtype):
-            model(to_model_input(x, model, device))
+        forward(model, x, device, amp_dtype)
         images += x.shape[0]
     for module, momentum in momenta.items():
         module.momentum = momentum
     model.train(was_training)
     return images
 
-
-def to_model_input(x, model, device):
-    """A batch on the device in the model's memory format (channels-last when the model is)."""
-    weight = next(model.parameters())
-    channels_last = weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)
-    return x.to(device, non_blocking=True).contiguous(
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics. Dice as the competition scores it: per image, then averaged; empty on empty is 1.
 
 def dice_per_image(prediction, target):
     """Per-image Dice of two boolean tensors shaped (N, ...)."""
@@ -157,7 +185,7 @@ def dice_by_threshold(probability, truth):
 
 
 @torch.no_grad()
-def check_accuracy(loader, model, device, threshold=0.5, amp_dtype=None, loss_fn=None, worst=None, all_ranks=False):
+def evaluate(loader, model, device, threshold=0.5, amp_dtype=None, loss_fn=None, worst=None, all_ranks=False):
     """Mean per-image Dice, pixel accuracy and (with loss_fn) mean loss over a loader, and what tells
     a model that learned nothing: the images whose truth has car, those where car is predicted, and
     the highest car probability. With a WorstImages `worst`, also collects the lowest-Dice images
@@ -169,11 +197,8 @@ def check_accuracy(loader, model, device, threshold=0.5, amp_dtype=None, loss_fn
     dice_sum, images, correct, pixels, loss_sum, with_car, predicted_car = 0.0, 0, 0, 0, 0.0, 0, 0
     highest = torch.zeros((), device=device)
     for x, y in loader:
-        x = to_model_input(x, model, device)
+        logits = forward(model, x, device, amp_dtype)
         y = y.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            logits = model(x)
-        logits = logits.float()
         if loss_fn is not None:
             loss_sum += loss_fn(logits, y).item() * x.shape[0]
         probability = torch.sigmoid(logits)
@@ -233,9 +258,6 @@ def segmentation_loss(logits, target, kind="lovasz"):
     overlap = lovasz_hinge(logits, target) if kind == "lovasz" else dice_loss(logits, target)
     return F.binary_cross_entropy_with_logits(logits, target) + overlap
 
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: one dict; written atomically so that an interrupted save never harms the old file.
 
 def save_checkpoint(state, path):
     """torch.save through files.replacing: the old file stays whole whatever happens meanwhile."""
@@ -309,21 +331,6 @@ def model_from_checkpoint(state, device="cpu"):
     return model.to(device).eval()
 
 
-# ---------------------------------------------------------------------------------------------
-# Pictures.
-
-def mask_to_rgb(mask):
-    return np.repeat((np.asarray(mask) > 0).astype(np.uint8)[..., None] * 255, 3, axis=2)
-
-
-def overlay(image, mask, colour=(255, 0, 0), strength=0.45):
-    """The image with the mask tinted in a colour (RGB uint8 in and out)."""
-    out = image.astype(np.float32)
-    where = np.asarray(mask) > 0
-    out[where] = out[where] * (1 - strength) + np.array(colour, np.float32) * strength
-    return out.astype(np.uint8)
-
-
 @torch.no_grad()
 def save_predictions_as_imgs(dataset, model, folder="saved_images", device="cpu", indices=range(4),
                              threshold=0.5, amp_dtype=None):
@@ -337,9 +344,7 @@ def save_predictions_as_imgs(dataset, model, folder="saved_images", device="cpu"
     written = []
     for index in indices:
         x, y = dataset[index]
-        batch = to_model_input(x[None], model, device)
-        with autocast(device, amp_dtype):
-            probability = torch.sigmoid(model(batch).float())[0, 0].cpu().numpy()
+        probability = torch.sigmoid(forward(model, x[None], device, amp_dtype))[0, 0].cpu().numpy()
         image = (x.permute(1, 2, 0).numpy().clip(0, 1) * 255).astype(np.uint8)
         name = Path(dataset.samples[index].image).name
         path = folder / f"pred_{Path(name).stem}.png"
@@ -350,134 +355,3 @@ def save_predictions_as_imgs(dataset, model, folder="saved_images", device="cpu"
         stale.unlink(missing_ok=True)
     model.train(was_training)
     return written
-
-
-def draw_panels(rows, path, gap=8, title_height=26):
-    """Save a sheet of pictures: each row a list of equally tall RGB panels and their titles, each
-    title above its panel. Drawn with Pillow: matplotlib took ~1.5 s per sheet."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    try:
-        font = ImageFont.load_default(size=18)
-    except (TypeError, ImportError, OSError):  # Pillow < 10.1 or without FreeType: the small bitmap font
-        font = ImageFont.load_default()
-    width = max(sum(panel.shape[1] for panel in panels) + gap * (len(panels) - 1) for panels, _ in rows)
-    heights = [max(panel.shape[0] for panel in panels) + title_height + gap for panels, _ in rows]
-    sheet = Image.new("RGB", (width, sum(heights)), "white")
-    draw = ImageDraw.Draw(sheet)
-    top = 0
-    for (panels, titles), height in zip(rows, heights):
-        left = 0
-        for panel, title in zip(panels, titles):
-            while len(title) > 1 and draw.textlength(title, font=font) > panel.shape[1] - 4:  # never over the next
-                title = title[:-2] + "…"
-            draw.text((left + 2, top + 4), title, fill="black", font=font)
-            sheet.paste(Image.fromarray(np.ascontiguousarray(panel)), (left, top + title_height))
-            left += panel.shape[1] + gap
-        top += height
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-    return Path(path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Kaggle's run-length encoding: the mask flattened row-major (left to right, then top to bottom),
-# "start length" pairs with 1-indexed starts.
-
-def rle_encode(mask):
-    pixels = np.asarray(mask).astype(bool).ravel()
-    edges = np.flatnonzero(np.diff(np.concatenate(([False], pixels, [False])).astype(np.int8))) + 1
-    edges[1::2] -= edges[::2]
-    return " ".join(map(str, edges))
-
-
-def rle_decode(text, shape):
-    """Mask of shape (height, width) as uint8 {0,1}; ValueError for text that is not valid RLE."""
-    numbers = np.array(text.split(), dtype=np.int64)
-    if numbers.size % 2:
-        raise ValueError("run-length text has an odd count of numbers")
-    starts, lengths = numbers[0::2] - 1, numbers[1::2]
-    ends = starts + lengths
-    if numbers.size and (starts.min() < 0 or lengths.min() < 1 or ends.max() > shape[0] * shape[1]
-                         or (starts[1:] < ends[:-1]).any()):
-        raise ValueError(f"run-length text does not fit a {shape[0]}x{shape[1]} mask")
-    flat = np.zeros(shape[0] * shape[1], np.uint8)
-    for start, end in zip(starts, ends):
-        flat[start:end] = 1
-    return flat.reshape(shape)
-
-
-# ---------------------------------------------------------------------------------------------
-# Figures (matplotlib, imported only when a figure is drawn).
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_training_curves(rows, path):
-    """Loss and validation scores per epoch from history rows (dicts as in history.csv)."""
-    plt = _pyplot()
-    epochs = [int(row["epoch"]) for row in rows]
-    figure, (losses, scores) = plt.subplots(1, 2, figsize=(11, 4))
-    losses.plot(epochs, [float(r["train_loss"]) for r in rows], "o-", label="train loss")
-    losses.plot(epochs, [float(r["val_loss"]) for r in rows], "o-", label="validation loss")
-    losses.set(xlabel="epoch", ylabel="loss", title="Loss")
-    scores.plot(epochs, [float(r["dice"]) for r in rows], "o-", label="Dice")
-    scores.plot(epochs, [float(r["pixel_accuracy"]) for r in rows], "o-", label="pixel accuracy")
-    scores.set(xlabel="epoch", title="Validation")
-    from matplotlib.ticker import MaxNLocator
-
-    for axes in (losses, scores):
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.grid(alpha=0.3)
-        axes.legend()
-    figure.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-def difference_picture(truth, prediction):
-    """Black where right, red for false positives (car predicted on background), blue for misses."""
-    picture = np.zeros((*truth.shape, 3), np.uint8)
-    picture[(prediction > 0) & (truth == 0)] = (230, 40, 40)
-    picture[(prediction == 0) & (truth > 0)] = (40, 90, 230)
-    picture[(prediction > 0) & (truth > 0)] = (70, 70, 70)
-    return picture
-
-
-class WorstImages:
-    """Keeps the `count` lowest-Dice (name, dice, image, truth, prediction), each scaled to `width`
-    pixels wide for drawing."""
-
-    def __init__(self, count=6, width=480):
-        self.count, self.width, self.items = count, width, []
-
-    def add(self, name, dice, image, truth, prediction):
-        if len(self.items) == self.count and dice >= self.items[-1][1]:
-            return
-        import cv2
-
-        scale = self.width / image.shape[1]
-        size = (self.width, max(1, round(image.shape[0] * scale)))
-
-        def scaled(picture, interpolation):
-            return cv2.resize(np.ascontiguousarray(picture, np.uint8), size, interpolation=interpolation)
-
-        self.items.append((name, dice, scaled(image, cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR),
-                           scaled(truth, cv2.INTER_NEAREST), scaled(prediction, cv2.INTER_NEAREST)))
-        self.items = sorted(self.items, key=lambda item: item[1])[: self.count]
-
-    def save(self, path):
-        """One row per image: image, truth, prediction, differences, each under its title (the file
-        name and Dice on the first)."""
-        if not self.items:
-            return None
-        return draw_panels([((image, mask_to_rgb(truth), mask_to_rgb(prediction), difference_picture(truth, prediction)),
-                             (f"{name}  Dice {dice:.4f}", "truth", "prediction", "red: false car, blue: missed car"))
-                            for name, dice, image, truth, prediction in self.items], path)

@@ -38,3 +38,10 @@ def trained(tmp_path_factory, synthetic_root):
     result = train.main(tiny_args(tmp, synthetic_root, 8, *LEARNS))
     assert result["best_dice"] > 0.5, "the fixture model should have learnt something"
     return tmp, result
+
+
+def split_of(config):
+    """The (training, validation) samples that train.py splits config's DATA_DIR into."""
+    import data_folder
+
+    return data_folder.training_split(config["DATA_DIR"], config["VAL_FRACTION"], config["SEED"])

@@ -4,41 +4,43 @@ import shutil
 
 import torch
 
-import dataset as data
+import data_folder
 import train
+from cache import ResizedCache
 from conftest import tiny_args
+from dataset import CarvanaDataset, train_transform, val_transform
 
 
 def scan(root):
-    return data.scan_pairs(root / "train", root / "train_masks")[0]
+    return data_folder.scan_pairs(root / "train", root / "train_masks")[0]
 
 
 def test_cached_samples_equal_decoded_ones_and_augment_differently(synthetic_root, tmp_path):
     samples = scan(synthetic_root)
-    cache = data.ResizedCache(tmp_path, "train", samples, (32, 48))
+    cache = ResizedCache(tmp_path, "train", samples, (32, 48))
     assert not cache.ready()
     cache.build()
     assert cache.ready() and sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in cache.paths.values())
-    cached = data.CarvanaDataset(samples, data.val_transform(), (32, 48), cache=cache)
-    decoded = data.CarvanaDataset(samples, data.val_transform(), (32, 48))
+    cached = CarvanaDataset(samples, val_transform(), (32, 48), cache=cache)
+    decoded = CarvanaDataset(samples, val_transform(), (32, 48))
     for index in (0, 7, 15):
         assert all(torch.equal(a, b) for a, b in zip(cached[index], decoded[index]))
-    augmented = data.CarvanaDataset(samples, data.train_transform(), (32, 48), cache=cache)
+    augmented = CarvanaDataset(samples, train_transform(), (32, 48), cache=cache)
     assert len({augmented[2][0].sum().item() for _ in range(5)}) > 1
 
 
 def test_cache_key_follows_size_and_source_files(synthetic_root, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(synthetic_root, root)
-    first = data.ResizedCache(tmp_path / "cache", "train", scan(root), (32, 48))
+    first = ResizedCache(tmp_path / "cache", "train", scan(root), (32, 48))
     first.build()
-    assert data.ResizedCache(tmp_path / "cache", "train", scan(root), (32, 48)).ready()
-    assert not data.ResizedCache(tmp_path / "cache", "train", scan(root), (40, 48)).ready()
+    assert ResizedCache(tmp_path / "cache", "train", scan(root), (32, 48)).ready()
+    assert not ResizedCache(tmp_path / "cache", "train", scan(root), (40, 48)).ready()
     image = scan(root)[0].image
     os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))  # touched, same bytes
-    assert data.ResizedCache(tmp_path / "cache", "train", scan(root), (32, 48)).ready()
+    assert ResizedCache(tmp_path / "cache", "train", scan(root), (32, 48)).ready()
     replace_keeping_size_and_time(image, scan(root)[1].image)
-    changed = data.ResizedCache(tmp_path / "cache", "train", scan(root), (32, 48))
+    changed = ResizedCache(tmp_path / "cache", "train", scan(root), (32, 48))
     assert not changed.ready()
     del first  # no run reads the old entry any more
     changed.build()
@@ -58,15 +60,15 @@ def test_a_replaced_file_with_the_same_size_and_time_is_never_served_stale(synth
     root = tmp_path / "data"
     shutil.copytree(synthetic_root, root)
     samples = scan(root)
-    data.ResizedCache(tmp_path / "cache", "train", samples, (32, 48)).build()
+    ResizedCache(tmp_path / "cache", "train", samples, (32, 48)).build()
     mask = samples[0].mask
     replace_keeping_size_and_time(mask, samples[5].mask)  # another car's mask, same size and time
     fresh = scan(root)
-    cache = data.ResizedCache(tmp_path / "cache", "train", fresh, (32, 48))
+    cache = ResizedCache(tmp_path / "cache", "train", fresh, (32, 48))
     assert not cache.ready()
     cache.build()
-    cached = data.CarvanaDataset(fresh, data.val_transform(), (32, 48), cache=cache)
-    decoded = data.CarvanaDataset(fresh, data.val_transform(), (32, 48))
+    cached = CarvanaDataset(fresh, val_transform(), (32, 48), cache=cache)
+    decoded = CarvanaDataset(fresh, val_transform(), (32, 48))
     assert torch.equal(cached[0][1], decoded[0][1])
 
 
@@ -74,14 +76,14 @@ def test_an_entry_another_run_reads_is_never_removed(synthetic_root, tmp_path):
     """Two runs with different seeds share CACHE_DIR: the second's build leaves the first's entry,
     which the first still reads; once no run holds it, a later build removes it."""
     samples = scan(synthetic_root)
-    first = data.ResizedCache(tmp_path, "train", samples[:12], (32, 48))
+    first = ResizedCache(tmp_path, "train", samples[:12], (32, 48))
     first.build()
-    reading = data.CarvanaDataset(samples[:12], data.val_transform(), (32, 48), cache=first)
-    second = data.ResizedCache(tmp_path, "train", samples[4:], (32, 48))
+    reading = CarvanaDataset(samples[:12], val_transform(), (32, 48), cache=first)
+    second = ResizedCache(tmp_path, "train", samples[4:], (32, 48))
     second.build()
     assert first.ready() and reading[11][0].shape == (3, 32, 48)
     del first, reading
-    third = data.ResizedCache(tmp_path, "train", samples[2:14], (32, 48))
+    third = ResizedCache(tmp_path, "train", samples[2:14], (32, 48))
     third.build()
     assert second.ready() and third.ready()
     assert len(list(tmp_path.glob("train-*-images.npy"))) == 2
@@ -103,10 +105,10 @@ def test_a_full_disk_during_the_build_is_a_warning_and_training_decodes(syntheti
 def test_leftovers_of_a_killed_build_are_removed_by_the_next(synthetic_root, tmp_path):
     samples = scan(synthetic_root)
     tmp_path.mkdir(exist_ok=True)
-    cache = data.ResizedCache(tmp_path, "train", samples, (32, 48))
+    cache = ResizedCache(tmp_path, "train", samples, (32, 48))
     leftover = tmp_path / f".{cache.paths['images'].name}.99999-dead.tmp"
     leftover.write_bytes(b"\0" * 1000)
-    data.ResizedCache(tmp_path, "train", samples[1:], (32, 48)).build()
+    ResizedCache(tmp_path, "train", samples[1:], (32, 48)).build()
     assert not leftover.exists()
 
 
@@ -129,10 +131,10 @@ def test_file_that_fails_while_caching_is_skipped_everywhere(synthetic_root, tmp
     shutil.copytree(synthetic_root, root)
     samples = scan(root)
     samples[0].image.write_bytes(b"\xff\xd8" + b"\x00" * 300 + b"\xff\xd9")  # passes the cheap checks
-    cache = data.ResizedCache(tmp_path / "cache", "train", samples, (32, 48))
+    cache = ResizedCache(tmp_path / "cache", "train", samples, (32, 48))
     cache.build()
     assert samples[0].image.name in capsys.readouterr().err
-    dataset = data.CarvanaDataset(samples, data.val_transform(), (32, 48), cache=cache)
+    dataset = CarvanaDataset(samples, val_transform(), (32, 48), cache=cache)
     assert torch.equal(dataset[0][0], dataset[1][0])  # replaced by the next sample
 
 

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-import dataset as data
+import data_folder
+import image_files
 import predict
 import synthetic
 import train
 from conftest import REAL_SAMPLES, tiny_args
+from dataset import load_training_pair
 
 SIZE = (480, 320)  # (width, height): real photos are shrunk to this to keep the tests fast
 # EXIF orientation -> the transpose that stores a displayed picture so that the tag shows it upright.
@@ -23,8 +25,8 @@ def real_pairs():
     """The 16 real Carvana pairs at 480x320: (RGB photo, bool mask)."""
     pairs = []
     for photo in sorted((REAL_SAMPLES / "train").glob("*.jpg")):
-        image = cv2.resize(data.read_image(photo), SIZE, interpolation=cv2.INTER_AREA)
-        mask = cv2.resize(data.read_mask(REAL_SAMPLES / "train_masks" / f"{photo.stem}_mask.gif").astype(np.float32),
+        image = cv2.resize(image_files.read_image(photo), SIZE, interpolation=cv2.INTER_AREA)
+        mask = cv2.resize(image_files.read_mask(REAL_SAMPLES / "train_masks" / f"{photo.stem}_mask.gif").astype(np.float32),
                           SIZE, interpolation=cv2.INTER_AREA) > 0.5
         pairs.append((image, mask))
     return pairs
@@ -46,7 +48,7 @@ def phone(orientation):
     """A phone photo: pixels stored turned, with the EXIF tag that shows them upright."""
     def write(image, path):
         exif = Image.Exif()
-        exif[data.ORIENTATION] = orientation
+        exif[image_files.ORIENTATION] = orientation
         Image.fromarray(image).transpose(STORED[orientation]).save(path, "JPEG", quality=92, exif=exif.tobytes())
         with Image.open(path) as check:  # the file displays as the picture it was made from
             assert ImageOps.exif_transpose(check).size == Image.fromarray(image).size
@@ -56,7 +58,7 @@ def phone(orientation):
 def turned_png_mask(orientation):
     def write(mask, path):
         exif = Image.Exif()
-        exif[data.ORIENTATION] = orientation
+        exif[image_files.ORIENTATION] = orientation
         Image.fromarray(mask.astype(np.uint8) * 255).transpose(STORED[orientation]).save(path, exif=exif.tobytes())
     return write
 
@@ -156,11 +158,11 @@ SOURCES = [pytest.param(real_pairs, id="real", marks=pytest.mark.skipif(not REAL
 
 
 def scan_all(root):
-    samples, problems = [], data.Problems()
-    for images, masks in data.find_splits(root).values():
-        found, skipped = data.scan_pairs(images, masks)
+    samples, problems = [], data_folder.ScanReport()
+    for images, masks in data_folder.find_splits(root).values():
+        found, skipped = data_folder.scan_pairs(images, masks)
         samples += found
-        problems += skipped
+        problems.extend(skipped)
     return samples, problems
 
 
@@ -176,11 +178,11 @@ def only_along_edges(mask, truth):
 def test_every_format_reads_as_drawn(tmp_path, source):
     truth = build_formats(tmp_path, source())
     samples, problems = scan_all(tmp_path)
-    assert list(problems) == [] and problems.no_car == []
+    assert problems.skipped == [] and problems.empty_masks == []
     assert sorted(s.image.name for s in samples) == sorted(truth)
     for sample in samples:
         picture, true_mask = truth[sample.image.name]
-        image, mask = data.load_pair(sample)
+        image, mask = image_files.read_image(sample.image), image_files.read_mask(sample.mask)
         assert (sample.width, sample.height) == SIZE, sample.image.name  # displayed size, EXIF applied
         assert image.dtype == np.uint8 and image.shape == (*true_mask.shape, 3), sample.image.name
         assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
@@ -190,11 +192,11 @@ def test_every_format_reads_as_drawn(tmp_path, source):
             assert np.array_equal(mask, true_mask), sample.mask.name
         # Upright: a turned or mirrored photo would differ by tens of grey levels.
         assert np.abs(image.astype(int) - picture).mean() < 4, sample.image.name
-        small_image, small_mask = data.load_training_pair(sample, (160, 240))  # the reduced JPEG decode
+        small_image, small_mask = load_training_pair(sample, (160, 240))  # the reduced JPEG decode
         assert small_image.shape == (160, 240, 3) and small_mask.shape == (160, 240)
         expected = cv2.resize(picture, (240, 160), interpolation=cv2.INTER_AREA)
         assert np.abs(small_image.astype(int) - expected).mean() < 4, sample.image.name
-        assert np.abs(small_mask.astype(int) - data.shrink_mask(true_mask, (160, 240))).mean() < 1, sample.mask.name
+        assert np.abs(small_mask.astype(int) - image_files.shrink_mask(true_mask, (160, 240))).mean() < 1, sample.mask.name
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +212,7 @@ def test_training_and_prediction_run_on_every_format(formats_root, tmp_path, cap
     status = predict.main(["--checkpoint", str(tmp_path / "checkpoints" / "best.pt"),
                            "--input", str(formats_root / "val_images"), "--output", str(tmp_path / "out")])
     assert status == 0
-    for image in data.visible_files(formats_root / "val_images"):
+    for image in data_folder.visible_files(formats_root / "val_images"):
         with Image.open(tmp_path / "out" / f"{image.stem}_mask.png") as written:
             assert written.size == SIZE, image.name  # the photo as displayed
 
@@ -221,15 +223,15 @@ def test_every_exif_orientation_is_decoded_as_displayed(tmp_path, orientation, s
     rng = np.random.default_rng(orientation)
     stored = cv2.resize(rng.integers(0, 255, (4, 6, 3), dtype=np.uint8), (96, 64), interpolation=cv2.INTER_CUBIC)
     exif = Image.Exif()
-    exif[data.ORIENTATION] = orientation
+    exif[image_files.ORIENTATION] = orientation
     path = tmp_path / f"photo{suffix}"
     Image.fromarray(stored).save(path, exif=exif.tobytes(), **({"quality": 98} if suffix == ".jpg" else {}),
                                  **({"lossless": True} if suffix == ".webp" else {}))
     with Image.open(path) as image:
         shown = np.asarray(ImageOps.exif_transpose(image).convert("RGB")).astype(int)
-    assert data.image_size(path) == (shown.shape[1], shown.shape[0])
-    assert np.abs(data.read_image(path) - shown).mean() < 3
-    reduced = data.read_image(path, data.reduced_decode_flag(*data.image_size(path), (16, 16)))
+    assert image_files.image_size(path) == (shown.shape[1], shown.shape[0])
+    assert np.abs(image_files.read_image(path) - shown).mean() < 3
+    reduced = image_files.read_image(path, image_files.reduced_decode_flag(*image_files.image_size(path), (16, 16)))
     expected = cv2.resize(shown.astype(np.uint8), (reduced.shape[1], reduced.shape[0]), interpolation=cv2.INTER_AREA)
     assert reduced.shape[:2] in ((shown.shape[0] // 2, shown.shape[1] // 2), (shown.shape[0] // 4, shown.shape[1] // 4),
                                  (shown.shape[0] // 8, shown.shape[1] // 8), shown.shape[:2])
@@ -243,13 +245,13 @@ def test_a_full_size_real_photo_turned_by_exif_trains_upright(tmp_path, orientat
     photo = REAL_SAMPLES / "train" / "0795e132d090_01.jpg"
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
-    phone(orientation)(data.read_image(photo), tmp_path / "images" / "phone.jpg")
+    phone(orientation)(image_files.read_image(photo), tmp_path / "images" / "phone.jpg")
     shutil.copy(REAL_SAMPLES / "train_masks" / "0795e132d090_01_mask.gif", tmp_path / "masks" / "phone_mask.gif")
-    [sample], problems = data.scan_pairs(tmp_path / "images", tmp_path / "masks")
-    assert list(problems) == [] and (sample.width, sample.height) == (1918, 1280)
-    image, mask = data.load_training_pair(sample, (160, 240))
-    original = data.Sample(photo, REAL_SAMPLES / "train_masks" / "0795e132d090_01_mask.gif", 1918, 1280)
-    expected_image, expected_mask = data.load_training_pair(original, (160, 240))
+    [sample], problems = data_folder.scan_pairs(tmp_path / "images", tmp_path / "masks")
+    assert problems.skipped == [] and (sample.width, sample.height) == (1918, 1280)
+    image, mask = load_training_pair(sample, (160, 240))
+    original = data_folder.Sample(photo, REAL_SAMPLES / "train_masks" / "0795e132d090_01_mask.gif", 1918, 1280)
+    expected_image, expected_mask = load_training_pair(original, (160, 240))
     assert np.abs(image.astype(int) - expected_image).mean() < 3 and np.array_equal(mask, expected_mask)
 
 
@@ -257,10 +259,10 @@ def test_turn_upright_matches_pil_for_every_orientation():
     stored = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
     transposes = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
                   7: "TRANSVERSE", 8: "ROTATE_90"}  # what PIL's ImageOps.exif_transpose applies
-    assert data.turn_upright(stored, 1) is stored
+    assert image_files.turn_upright(stored, 1) is stored
     for orientation, name in transposes.items():
         expected = np.asarray(Image.fromarray(stored).transpose(Image.Transpose[name]))
-        assert np.array_equal(data.turn_upright(stored, orientation), expected), orientation
+        assert np.array_equal(image_files.turn_upright(stored, orientation), expected), orientation
 
 
 def test_a_mask_drawn_on_the_unturned_photo_is_named_with_a_hint(tmp_path):
@@ -269,9 +271,9 @@ def test_a_mask_drawn_on_the_unturned_photo_is_named_with_a_hint(tmp_path):
     image, mask = synthetic_pairs()[0]
     phone(6)(image, tmp_path / "images" / "p.jpg")
     grey_mask(255)(np.rot90(mask), tmp_path / "masks" / "p.png")  # the stored orientation, not the displayed one
-    samples, problems = data.scan_pairs(tmp_path / "images", tmp_path / "masks")
-    assert samples == [] and len(problems) == 1
-    assert "mask is 320x480 but its image p.jpg is 480x320 (sizes as displayed" in problems[0][1]
+    samples, problems = data_folder.scan_pairs(tmp_path / "images", tmp_path / "masks")
+    assert samples == [] and len(problems.skipped) == 1
+    assert "mask is 320x480 but its image p.jpg is 480x320 (sizes as displayed" in problems.skipped[0][1]
 
 
 def mask_folder(tmp_path, masks):
@@ -300,20 +302,20 @@ def test_files_that_cannot_be_binary_masks_are_skipped_with_the_reason(tmp_path,
     good[20:40, 30:60] = 255
     images, masks = mask_folder(tmp_path, {"three.png": three, "no_black.png": no_black, "photo.jpg": photo,
                                            "empty.png": empty, "good.png": good})
-    samples, problems = data.scan_pairs(images, masks)
-    reasons = {path.name: reason for path, reason in problems}
+    samples, problems = data_folder.scan_pairs(images, masks)
+    reasons = {path.name: reason for path, reason in problems.skipped}
     assert reasons["three.png"] == ("not a mask: 3 colours (0, 128, 255); a mask has black background and one "
                                     "car colour")
     assert reasons["no_black.png"] == ("not a mask: neither of its colours (0, 0, 255) and (255, 255, 255) is "
                                        "black, the background")
     assert re.fullmatch(r"not a mask: \d+% of its pixels are between background and car colour", reasons["photo.jpg"])
     assert sorted(s.image.name for s in samples) == ["empty.jpg", "good.jpg"]  # all-black masks are kept...
-    assert problems.no_car == [masks / "empty.png"]
-    data.report_problems(problems)
+    assert problems.empty_masks == [masks / "empty.png"]
+    data_folder.print_report(problems)
     err = capsys.readouterr().err
     assert "Skipping 3 file(s)" in err and "1 mask has no car pixels (kept, all background): empty.png" in err
     with pytest.raises(ValueError, match="three.png: not a mask: 3 colours"):  # never decoded as a mask
-        data.read_mask(masks / "three.png")
+        image_files.read_mask(masks / "three.png")
 
 
 def test_palette_masks_go_by_colour_not_index(tmp_path):
@@ -322,11 +324,11 @@ def test_palette_masks_go_by_colour_not_index(tmp_path):
     inverted = Image.fromarray(np.where(truth, 0, 1).astype(np.uint8), "P")
     inverted.putpalette([255, 255, 255, 0, 0, 0])  # index 0 white: the car; index 1 black
     inverted.save(tmp_path / "inverted.gif")
-    assert np.array_equal(data.read_mask(tmp_path / "inverted.gif"), truth)
+    assert np.array_equal(image_files.read_mask(tmp_path / "inverted.gif"), truth)
     transparent = Image.fromarray(truth.astype(np.uint8), "P")
     transparent.putpalette([255, 255, 255, 255, 0, 0])
     transparent.save(tmp_path / "transparent.png", transparency=0)  # index 0 white but transparent: background
-    assert np.array_equal(data.read_mask(tmp_path / "transparent.png"), truth)
+    assert np.array_equal(image_files.read_mask(tmp_path / "transparent.png"), truth)
 
 
 def test_one_car_folder_trains_with_a_warned_split_by_photo(tmp_path, capsys):
@@ -366,9 +368,9 @@ def test_other_repositories_layouts_are_found(tmp_path, images, masks, mask_name
         jpeg(image, tmp_path / images / f"photo{index}.jpg")
         path = tmp_path / masks / mask_name.format(f"photo{index}")
         (gif_mask if path.suffix == ".gif" else grey_mask(255))(mask, path)
-    assert data.find_splits(tmp_path) == {"train": (tmp_path / images, tmp_path / masks)}
-    samples, problems = data.scan_pairs(tmp_path / images, tmp_path / masks)
-    assert list(problems) == [] and len(samples) == 3
+    assert data_folder.find_splits(tmp_path) == {"train": (tmp_path / images, tmp_path / masks)}
+    samples, problems = data_folder.scan_pairs(tmp_path / images, tmp_path / masks)
+    assert problems.skipped == [] and len(samples) == 3
 
 
 def test_jpeg_with_a_trailer_is_accepted_and_a_cut_one_is_not(tmp_path):
@@ -376,29 +378,29 @@ def test_jpeg_with_a_trailer_is_accepted_and_a_cut_one_is_not(tmp_path):
     jpeg(image, tmp_path / "whole.jpg")
     whole = (tmp_path / "whole.jpg").read_bytes()
     (tmp_path / "trailer.jpg").write_bytes(whole + b"SEFH" + bytes(range(256)) * 8 + b"\xff\xd8SEFT")  # as phones append
-    assert data.image_problem(tmp_path / "trailer.jpg") == (None, SIZE)
-    assert np.array_equal(data.read_image(tmp_path / "trailer.jpg"), data.read_image(tmp_path / "whole.jpg"))
+    assert image_files.image_problem(tmp_path / "trailer.jpg") == (None, SIZE)
+    assert np.array_equal(image_files.read_image(tmp_path / "trailer.jpg"), image_files.read_image(tmp_path / "whole.jpg"))
     for name, cut in (("half.jpg", whole[: len(whole) // 2]), ("no_end.jpg", whole[:-2])):
         (tmp_path / name).write_bytes(cut)
-        assert data.image_problem(tmp_path / name) == ("truncated JPEG (file ends early)", None)
+        assert image_files.image_problem(tmp_path / name) == ("truncated JPEG (file ends early)", None)
 
 
 def test_mask_checks_are_kept_between_runs_until_a_mask_changes(tmp_path, synthetic_root, monkeypatch):
     root = shutil.copytree(synthetic_root, tmp_path / "data")
     stored = tmp_path / "cache" / "mask_checks.json"
-    checks = data.MaskChecks(stored)
-    first = data.scan_pairs(root / "train", root / "train_masks", checks=checks)
+    checks = data_folder.MaskChecks(stored)
+    first = data_folder.scan_pairs(root / "train", root / "train_masks", checks=checks)
     checks.save()
-    decoded, decode = [], data.decode_mask
+    decoded, decode = [], image_files.decode_mask
 
     def counted(path):
         decoded.append(path)
         return decode(path)
 
-    monkeypatch.setattr(data, "decode_mask", counted)
-    assert data.scan_pairs(root / "train", root / "train_masks", checks=data.MaskChecks(stored)) == first
+    monkeypatch.setattr(image_files, "decode_mask", counted)
+    assert data_folder.scan_pairs(root / "train", root / "train_masks", checks=data_folder.MaskChecks(stored)) == first
     assert decoded == []  # every mask known: none decoded again
     changed = first[0][0].mask
     gif_mask(np.zeros((128, 192), bool), changed)  # redrawn, all background: another size
-    _, problems = data.scan_pairs(root / "train", root / "train_masks", checks=data.MaskChecks(stored))
-    assert decoded == [changed] and problems.no_car == [changed]
+    _, problems = data_folder.scan_pairs(root / "train", root / "train_masks", checks=data_folder.MaskChecks(stored))
+    assert decoded == [changed] and problems.empty_masks == [changed]

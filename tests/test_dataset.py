@@ -7,8 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-import dataset as data
+import data_folder
+import image_files
 import synthetic
+from dataset import CarvanaDataset, EpochSampler, train_transform, val_transform
 
 
 def copy_set(source, target):
@@ -46,9 +48,9 @@ def test_synthetic_cars_keep_their_looks_and_change_with_the_angle():
 
 def test_no_colour_threshold_separates_synthetic_cars(synthetic_root):
     """The best single threshold on any channel or on grey stays far below a trained model."""
-    samples, _ = data.scan_pairs(synthetic_root / "train", synthetic_root / "train_masks")
-    images = [data.read_image(s.image).astype(np.int16) for s in samples]
-    masks = [data.read_mask(s.mask).astype(bool) for s in samples]
+    samples, _ = data_folder.scan_pairs(synthetic_root / "train", synthetic_root / "train_masks")
+    images = [image_files.read_image(s.image).astype(np.int16) for s in samples]
+    masks = [image_files.read_mask(s.mask).astype(bool) for s in samples]
     best = 0.0
     for channel in range(4):
         values = [im.mean(2) if channel == 3 else im[..., channel] for im in images]
@@ -65,8 +67,8 @@ def data_dice(prediction, truth):
 
 
 def test_scan_pairs_the_carvana_layout(synthetic_root):
-    samples, problems = data.scan_pairs(synthetic_root / "train", synthetic_root / "train_masks")
-    assert problems == [] and len(samples) == 16
+    samples, problems = data_folder.scan_pairs(synthetic_root / "train", synthetic_root / "train_masks")
+    assert problems.skipped == [] and len(samples) == 16
     assert all(s.mask.name == f"{s.image.stem}_mask.gif" and (s.width, s.height) == (192, 128) for s in samples)
 
 
@@ -78,9 +80,9 @@ def test_four_folder_layout_is_found(tmp_path, synthetic_root):
         split = "val" if index < 4 else "train"
         shutil.copy(image, tmp_path / f"{split}_images" / image.name)
         shutil.copy(synthetic_root / "train_masks" / f"{image.stem}_mask.gif", tmp_path / f"{split}_masks")
-    splits = data.find_splits(tmp_path)
+    splits = data_folder.find_splits(tmp_path)
     assert set(splits) == {"train", "val"}
-    assert len(data.scan_pairs(*splits["train"])[0]) == 12 and len(data.scan_pairs(*splits["val"])[0]) == 4
+    assert len(data_folder.scan_pairs(*splits["train"])[0]) == 12 and len(data_folder.scan_pairs(*splits["val"])[0]) == 4
 
 
 @pytest.mark.parametrize("suffix, noise", [(".png", 0), (".jpg", 1), (".gif", 0)])
@@ -92,7 +94,7 @@ def test_masks_become_zero_one_in_every_storage_format(tmp_path, suffix, noise):
         synthetic.save_gif_mask(truth, path)
     else:
         cv2.imwrite(str(path), truth * 255, [cv2.IMWRITE_JPEG_QUALITY, 60])
-    mask = data.read_mask(path)
+    mask = image_files.read_mask(path)
     assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
     if noise:  # JPEG noise: the stored values are not exactly {0,255}, and edges blur a little
         assert len(np.unique(np.array(Image.open(path)))) > 2
@@ -105,7 +107,7 @@ def test_raw_zero_one_png_masks_are_read_as_such(tmp_path):
     truth = np.zeros((20, 20), np.uint8)
     truth[5:10] = 1
     cv2.imwrite(str(tmp_path / "raw.png"), truth)
-    assert np.array_equal(data.read_mask(tmp_path / "raw.png"), truth)
+    assert np.array_equal(image_files.read_mask(tmp_path / "raw.png"), truth)
 
 
 def seed_bad_files(root):
@@ -129,8 +131,8 @@ def seed_bad_files(root):
 def test_every_kind_of_bad_file_is_skipped_and_named_once(tmp_path, synthetic_root, capsys):
     root = copy_set(synthetic_root, tmp_path / "data")
     names = seed_bad_files(root)
-    samples, problems = data.scan_pairs(root / "train", root / "train_masks")
-    reasons = {path.name: reason for path, reason in problems}
+    samples, problems = data_folder.scan_pairs(root / "train", root / "train_masks")
+    reasons = {path.name: reason for path, reason in problems.skipped}
     assert reasons == {
         f"{names[0]}.jpg": "empty file (0 bytes)",
         f"{names[1]}.jpg": "truncated JPEG (file ends early)",
@@ -140,15 +142,15 @@ def test_every_kind_of_bad_file_is_skipped_and_named_once(tmp_path, synthetic_ro
         f"{names[5]}_mask.gif": f"mask is 10x10 but its image {names[5]}.jpg is 192x128",
     }
     assert len(samples) == 16 - 5
-    data.report_problems(problems)
+    data_folder.print_report(problems)
     err = capsys.readouterr().err
     assert err.count("\n") == 7 and "Skipping 6 file(s)" in err
 
 
 def test_a_file_that_fails_mid_epoch_is_replaced_not_fatal(tmp_path, synthetic_root, capsys):
     root = copy_set(synthetic_root, tmp_path / "data")
-    samples, _ = data.scan_pairs(root / "train", root / "train_masks")
-    dataset = data.CarvanaDataset(samples, data.val_transform(), (32, 48))
+    samples, _ = data_folder.scan_pairs(root / "train", root / "train_masks")
+    dataset = CarvanaDataset(samples, val_transform(), (32, 48))
     samples[0].image.write_bytes(b"\xff\xd8" + b"\x00" * 500 + b"\xff\xd9")  # broken after the check
     x, y = dataset[0]
     assert x.shape == (3, 32, 48) and y.shape == (1, 32, 48)
@@ -159,8 +161,8 @@ def test_a_file_that_fails_mid_epoch_is_replaced_not_fatal(tmp_path, synthetic_r
 
 
 def test_transforms_give_normalised_tensors_and_car_share_masks(synthetic_root):
-    samples, _ = data.scan_pairs(synthetic_root / "train", synthetic_root / "train_masks")
-    dataset = data.CarvanaDataset(samples, data.train_transform(), (32, 48))
+    samples, _ = data_folder.scan_pairs(synthetic_root / "train", synthetic_root / "train_masks")
+    dataset = CarvanaDataset(samples, train_transform(), (32, 48))
     x, y = dataset[3]
     assert x.dtype == torch.float32 and x.shape == (3, 32, 48) and 0 <= x.min() and x.max() <= 1
     assert 0 <= y.min() and y.max() <= 1 and (y == 1).sum() > 0 and (y == 0).sum() > 0  # car shares
@@ -171,13 +173,12 @@ def test_transforms_give_normalised_tensors_and_car_share_masks(synthetic_root):
 def test_augmentations_depend_on_seed_and_epoch_not_on_workers(synthetic_root):
     """A resumed run must draw what the uninterrupted run drew: the same batches for the same epoch,
     with or without loader processes; another epoch draws others."""
-    import train
 
-    samples, _ = data.scan_pairs(synthetic_root / "train", synthetic_root / "train_masks")
-    dataset = data.CarvanaDataset(samples[:6], data.train_transform(), (32, 48))
+    samples, _ = data_folder.scan_pairs(synthetic_root / "train", synthetic_root / "train_masks")
+    dataset = CarvanaDataset(samples[:6], train_transform(), (32, 48))
 
     def epoch_batches(epoch, workers):
-        sampler = train.EpochSampler(dataset, seed=5)
+        sampler = EpochSampler(dataset, seed=5)
         sampler.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(dataset, batch_size=3, sampler=sampler, num_workers=workers)
         return torch.cat([x for x, _ in loader])
@@ -188,17 +189,17 @@ def test_augmentations_depend_on_seed_and_epoch_not_on_workers(synthetic_root):
 
 
 def test_split_holds_out_whole_cars_with_a_fixed_seed(synthetic_root):
-    samples, _ = data.scan_pairs(synthetic_root / "train", synthetic_root / "train_masks")
-    train, val = data.split_by_car(samples, 0.25, seed=1)
-    train_cars = {data.car_id(s.image) for s in train}
-    val_cars = {data.car_id(s.image) for s in val}
+    samples, _ = data_folder.scan_pairs(synthetic_root / "train", synthetic_root / "train_masks")
+    train, val = data_folder.split_by_car(samples, 0.25, seed=1)
+    train_cars = {data_folder.car_id(s.image) for s in train}
+    val_cars = {data_folder.car_id(s.image) for s in val}
     assert len(val_cars) == 1 and len(train_cars) == 3 and not train_cars & val_cars
     assert len(val) == 4 and len(train) == 12
-    assert data.split_by_car(samples, 0.25, seed=1) == (train, val)
-    one_car_train, one_car_val = data.split_by_car(val, 0.25, seed=1)  # one car: split by photo
+    assert data_folder.split_by_car(samples, 0.25, seed=1) == (train, val)
+    one_car_train, one_car_val = data_folder.split_by_car(val, 0.25, seed=1)  # one car: split by photo
     assert len(one_car_val) == 1 and set(one_car_train + one_car_val) == set(val)
     with pytest.raises(ValueError, match="at least 2 photos"):
-        data.split_by_car(val[:1], 0.25, seed=1)
+        data_folder.split_by_car(val[:1], 0.25, seed=1)
 
 
 def test_reduced_decode_never_goes_below_the_target():
@@ -206,7 +207,7 @@ def test_reduced_decode_never_goes_below_the_target():
     encoded = cv2.imencode(".jpg", real_jpeg)[1]
     for target, flag in [((160, 240), cv2.IMREAD_REDUCED_COLOR_8), ((320, 480), cv2.IMREAD_REDUCED_COLOR_4),
                          ((640, 959), cv2.IMREAD_REDUCED_COLOR_2), ((640, 960), cv2.IMREAD_COLOR)]:
-        assert data.reduced_decode_flag(1918, 1280, target) == flag
+        assert image_files.reduced_decode_flag(1918, 1280, target) == flag
         decoded = cv2.imdecode(encoded, flag)
         assert decoded.shape[0] >= target[0] and decoded.shape[1] >= target[1]
-    assert data.reduced_decode_flag(192, 128, (160, 240)) == cv2.IMREAD_COLOR
+    assert image_files.reduced_decode_flag(192, 128, (160, 240)) == cv2.IMREAD_COLOR

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import dataset as data
+import data_folder
 from conftest import LEARNS, tiny_args
-from utils import check_accuracy, load_checkpoint, model_from_checkpoint, segmentation_loss
+from dataset import CarvanaDataset, val_transform
+from utils import evaluate, load_checkpoint, model_from_checkpoint, segmentation_loss
 
 
 def torchrun():
@@ -66,12 +67,12 @@ def test_printed_scores_are_the_whole_validation_set_scores(two_process_run):
     loss, dice, accuracy = printed[state["epoch"]]
     assert dice > 0  # a model that predicts some car, so that the comparison means something
     config = state["config"]
-    samples, _ = data.scan_pairs(Path(config["DATA_DIR"]) / "train", Path(config["DATA_DIR"]) / "train_masks")
-    _, val = data.split_by_car(samples, config["VAL_FRACTION"], config["SEED"])
+    samples, _ = data_folder.scan_pairs(Path(config["DATA_DIR"]) / "train", Path(config["DATA_DIR"]) / "train_masks")
+    _, val = data_folder.split_by_car(samples, config["VAL_FRACTION"], config["SEED"])
     assert len(val) == 4  # 1 of 4 cars: each process scored 2 of its images
-    loader = torch.utils.data.DataLoader(data.CarvanaDataset(val, data.val_transform(), state["image_size"]),
+    loader = torch.utils.data.DataLoader(CarvanaDataset(val, val_transform(), state["image_size"]),
                                          batch_size=3)
-    single = check_accuracy(loader, model_from_checkpoint(state), torch.device("cpu"), loss_fn=segmentation_loss)
+    single = evaluate(loader, model_from_checkpoint(state), torch.device("cpu"), loss_fn=segmentation_loss)
     assert single["images"] == 4
     assert abs(single["dice"] - dice) <= 5e-5 and abs(single["loss"] - loss) <= 5e-5
     assert abs(100 * single["pixel_accuracy"] - accuracy) <= 5e-3

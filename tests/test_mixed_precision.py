@@ -8,7 +8,12 @@ import torch
 import train
 from conftest import tiny_args
 from model import UNet
-from utils import WeightAverage, load_checkpoint
+from utils import ExponentialMovingAverage, load_checkpoint
+
+
+def stepping(model, optimizer, scaler, dtype):
+    """A TrainingState of these parts on the CPU."""
+    return train.TrainingState(model, ExponentialMovingAverage(model, 0.9), optimizer, scaler, torch.device("cpu"), dtype)
 
 
 def ten_steps(dtype):
@@ -21,8 +26,8 @@ def ten_steps(dtype):
     y[..., 8:24, 12:36] = 1
     x = 0.5 * torch.rand(4, 3, 32, 48) + 0.5 * y  # a brighter car on a noisy background
     config = {"NUM_EPOCHS": 10, "LEARNING_RATE": 1e-2, "WARMUP": 0, "LOSS": "lovasz"}
-    losses = [train.train_one_epoch([(x, y)], model, optimizer, scaler, WeightAverage(model, 0.9), config,
-                                    torch.device("cpu"), dtype, epoch, epoch, 10) for epoch in range(10)]
+    state = stepping(model, optimizer, scaler, dtype)
+    losses = [train.train_one_epoch([(x, y)], state, model, config, epoch, epoch, 10) for epoch in range(10)]
     return losses, scaler, optimizer.state[model.head.weight]["step"]
 
 
@@ -52,9 +57,9 @@ def test_a_resume_restores_the_loss_scale(trained_float16, monkeypatch):
     seen = []
     real = train.train_one_epoch
 
-    def record_scale(loader, model, optimizer, scaler, *args):
-        seen.append(scaler.get_scale())
-        return real(loader, model, optimizer, scaler, *args)
+    def record_scale(loader, state, *args):
+        seen.append(state.scaler.get_scale())
+        return real(loader, state, *args)
 
     monkeypatch.setattr(train, "train_one_epoch", record_scale)
     train.main(tiny_args(tmp, synthetic_root, 2, "--AMP_DTYPE=float16", "--LOAD_MODEL=true"))
@@ -73,8 +78,7 @@ def test_overflowing_gradients_skip_the_step_and_do_not_stop_the_run():
     calls = []
     head.register_hook(lambda grad: grad * math.inf if not calls.append(1) and len(calls) == 1 else grad)
     config = {"NUM_EPOCHS": 1, "LEARNING_RATE": 1e-3, "WARMUP": 0, "LOSS": "lovasz"}
-    loss = train.train_one_epoch(batches, model, optimizer, scaler, WeightAverage(model, 0.9), config,
-                                 torch.device("cpu"), torch.float16, 0, 0, 3)
+    loss = train.train_one_epoch(batches, stepping(model, optimizer, scaler, torch.float16), model, config, 0, 0, 3)
     assert math.isfinite(loss)
     assert optimizer.state[head]["step"] == 2  # the first of three steps was skipped
     assert scaler.get_scale() == 2.0**15  # halved once from 2**16
@@ -86,5 +90,5 @@ def test_a_non_finite_loss_still_stops_the_run():
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     batches = [(torch.full((2, 3, 32, 48), math.nan), torch.zeros(2, 1, 32, 48))]
     with pytest.raises(train.NonFiniteLoss, match="loss became nan at epoch 1, step 1"):
-        train.train_one_epoch(batches, model, optimizer, torch.amp.GradScaler("cpu"), WeightAverage(model, 0.9),
-                              {"NUM_EPOCHS": 1, "LEARNING_RATE": 1e-3, "WARMUP": 0, "LOSS": "lovasz"}, torch.device("cpu"), torch.float16, 0, 0, 1)
+        train.train_one_epoch(batches, stepping(model, optimizer, torch.amp.GradScaler("cpu"), torch.float16), model,
+                              {"NUM_EPOCHS": 1, "LEARNING_RATE": 1e-3, "WARMUP": 0, "LOSS": "lovasz"}, 0, 0, 1)

@@ -1,7 +1,11 @@
 import pytest
 import torch
 
-from model import UNet, count_parameters
+from model import UNet
+
+
+def count_parameters(model):
+    return sum(parameter.numel() for parameter in model.parameters())
 
 
 def test_default_unet_is_the_classic_31m_parameter_model():
@@ -52,15 +56,15 @@ def test_skip_connections_carry_fine_detail():
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_matrix_product_upsampling_equals_the_transposed_convolution(dtype):
-    """model.upsample's CPU path: same outputs and the same gradients (input, weight, bias) as the
+    """model.transposed_conv_as_matmul, the CPU path: same outputs and the same gradients (input, weight, bias) as the
     ConvTranspose2d it stands in for, in float32 and under bfloat16 autocast, odd sizes included."""
-    from model import upsample
+    from model import transposed_conv_as_matmul
 
     torch.manual_seed(0)
     up = torch.nn.ConvTranspose2d(12, 5, kernel_size=2, stride=2).to(memory_format=torch.channels_last)
     x = torch.randn(3, 12, 7, 9).contiguous(memory_format=torch.channels_last)
     results = []
-    for function in (up, lambda x: upsample(up, x)):
+    for function in (up, lambda x: transposed_conv_as_matmul(up, x)):
         up.zero_grad()
         inputs = x.clone().requires_grad_()
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):

@@ -145,18 +145,18 @@ def test_submission_rows_only_path_decodes_reduced_and_matches_the_full_path(tra
                                                                              monkeypatch):
     import csv
 
-    from utils import rle_decode
+    from submission import rle_decode
 
     inputs = full_size_set / "train"
     assert predict_into(trained, inputs, tmp_path / "masks", "--submission", str(tmp_path / "full.csv")) == 0
     flags = []
-    real_read = predict.data.read_image
+    real_read = predict.image_files.read_image
 
     def recording(path, *flag):
         flags.append(flag[0] if flag else cv2.IMREAD_COLOR)
         return real_read(path, *flag)
 
-    monkeypatch.setattr(predict.data, "read_image", recording)
+    monkeypatch.setattr(predict.image_files, "read_image", recording)
     assert predict_into(trained, inputs, tmp_path / "none", "--submission", str(tmp_path / "fast.csv"),
                         "--no-images") == 0
     assert len(flags) == 2 and cv2.IMREAD_COLOR not in flags  # 1918x1280 JPEGs decoded at a DCT-domain reduction

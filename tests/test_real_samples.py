@@ -3,34 +3,37 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import dataset as data
+import data_folder
+import image_files
 import predict
 from conftest import REAL_SAMPLES
+from dataset import CarvanaDataset, load_training_pair, train_transform
+from utils import resize_probability
 
 pytestmark = pytest.mark.skipif(not REAL_SAMPLES.is_dir(), reason="../shared/carvana_samples is absent")
 
 
 def test_real_layout_scans_clean():
-    samples, problems = data.scan_pairs(REAL_SAMPLES / "train", REAL_SAMPLES / "train_masks")
-    assert problems == [] and len(samples) == 16
+    samples, problems = data_folder.scan_pairs(REAL_SAMPLES / "train", REAL_SAMPLES / "train_masks")
+    assert problems.skipped == [] and len(samples) == 16
     assert {(s.width, s.height) for s in samples} == {(1918, 1280)}
-    cars = {data.car_id(s.image) for s in samples}
+    cars = {data_folder.car_id(s.image) for s in samples}
     assert cars == {"0795e132d090", "1ae8a68a40e4", "2faf504842df", "3d7a1030deeb"}
 
 
 def test_real_masks_read_as_zero_one_matching_the_raw_gif():
     path = REAL_SAMPLES / "train_masks" / "1ae8a68a40e4_01_mask.gif"
-    mask = data.read_mask(path)
+    mask = image_files.read_mask(path)
     raw = np.array(Image.open(path))
     assert mask.shape == (1280, 1918) and np.array_equal(mask, raw)
     assert 0.05 < mask.mean() < 0.5
 
 
 def test_real_images_through_the_training_pipeline():
-    samples, _ = data.scan_pairs(REAL_SAMPLES / "train", REAL_SAMPLES / "train_masks")
-    train, val = data.split_by_car(samples, 0.25, seed=42)
-    assert len(val) == 4 and len({data.car_id(s.image) for s in val}) == 1
-    dataset = data.CarvanaDataset(train, data.train_transform(), (160, 240))
+    samples, _ = data_folder.scan_pairs(REAL_SAMPLES / "train", REAL_SAMPLES / "train_masks")
+    train, val = data_folder.split_by_car(samples, 0.25, seed=42)
+    assert len(val) == 4 and len({data_folder.car_id(s.image) for s in val}) == 1
+    dataset = CarvanaDataset(train, train_transform(), (160, 240))
     x, y = dataset[0]
     assert x.shape == (3, 160, 240) and y.shape == (1, 160, 240) and 0.03 < y.mean() < 0.6
 
@@ -52,7 +55,7 @@ def test_predict_on_real_images_writes_full_size_masks(trained, tmp_path, capsys
 def test_submission_rows_for_real_images_decode_to_the_written_masks(trained, tmp_path):
     import csv
 
-    from utils import rle_decode
+    from submission import rle_decode
 
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -75,13 +78,13 @@ def test_a_model_that_outputs_the_targets_scores_near_one_at_full_resolution():
     import torch
     import torch.nn.functional as F
 
-    samples, _ = data.scan_pairs(REAL_SAMPLES / "train", REAL_SAMPLES / "train_masks")
+    samples, _ = data_folder.scan_pairs(REAL_SAMPLES / "train", REAL_SAMPLES / "train_masks")
     scores = []
     for sample in samples:
-        _, share = data.load_training_pair(sample, (160, 240))
+        _, share = load_training_pair(sample, (160, 240))
         probability = share.astype(np.float32) / 255
-        truth = data.read_mask(sample.mask).astype(bool)
-        on_cpu = predict.upsample(probability, truth.shape) > 0.5
+        truth = image_files.read_mask(sample.mask).astype(bool)
+        on_cpu = resize_probability(probability, truth.shape) > 0.5
         on_gpu = F.interpolate(torch.from_numpy(probability)[None, None], size=truth.shape, mode="bilinear",
                                align_corners=False)[0, 0].numpy() > 0.5  # the path predict.py takes on a GPU
         assert (on_cpu != on_gpu).mean() < 1e-4

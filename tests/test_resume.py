@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import resume
 import train
 from conftest import tiny_args
 from utils import all_finite, load_checkpoint
@@ -88,10 +89,10 @@ def test_non_finite_weights_are_never_saved(tmp_path, synthetic_root, monkeypatc
     train.main(tiny_args(tmp_path, synthetic_root, 1))
     real = train.train_one_epoch
 
-    def last_update_overflows(loader, model, *args):
-        loss = real(loader, model, *args)
+    def last_update_overflows(loader, state, *args):
+        loss = real(loader, state, *args)
         with torch.no_grad():
-            next(model.parameters()).fill_(math.inf)
+            next(state.model.parameters()).fill_(math.inf)
         return loss
 
     monkeypatch.setattr(train, "train_one_epoch", last_update_overflows)
@@ -192,7 +193,9 @@ def test_a_resume_refuses_when_the_photos_changed(tmp_path, synthetic_root):
 
 def test_the_notebook_can_ask_whether_a_checkpoint_holds_the_same_run(tmp_path, synthetic_root):
     train.main(tiny_args(tmp_path, synthetic_root, 1))
-    assert train.resume_conflicts(tiny_args(tmp_path, synthetic_root, 3, "--DEVICE=cpu")) == []
-    assert train.resume_conflicts(tiny_args(tmp_path, synthetic_root, 1, "--FEATURES=4,8,16", "--SEED=1")) == [
-        "SEED", "FEATURES"]
-    assert train.resume_conflicts(tiny_args(tmp_path / "elsewhere", synthetic_root, 1)) == []
+    def conflicts(arguments):
+        return resume.conflicts_with_checkpoint(*train.parse_settings(arguments))
+
+    assert conflicts(tiny_args(tmp_path, synthetic_root, 3, "--DEVICE=cpu")) == []
+    assert conflicts(tiny_args(tmp_path, synthetic_root, 1, "--FEATURES=4,8,16", "--SEED=1")) == ["SEED", "FEATURES"]
+    assert conflicts(tiny_args(tmp_path / "elsewhere", synthetic_root, 1)) == []

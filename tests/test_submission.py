@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 import predict
+import submission
 from conftest import REAL_SAMPLES
-from utils import rle_decode, rle_encode
+from submission import rle_decode, rle_encode, rle_encode_batch
 
 
 def naive_rle(mask):
@@ -38,11 +39,18 @@ def test_rle_edge_cases_round_trip_and_match_the_definition(name):
         mask = (np.random.default_rng(3).random((5, 7)) > 0.5).astype(np.uint8)
     text = rle_encode(mask)
     assert text == naive_rle(mask)
-    assert predict.run_length_text(mask) == predict.run_length_text(mask.astype(bool)) == text
-    assert predict.run_length_text(mask * 255) == text  # mask files hold 0 and 255
+    assert rle_encode(mask.astype(bool)) == encoded_where_it_is(mask) == text
+    assert rle_encode(mask * 255) == text  # mask files hold 0 and 255
     assert np.array_equal(rle_decode(text, mask.shape), mask)
     expected = {"empty": "", "full": "1 35", "first_pixel": "1 1", "last_pixel": "35 1", "both_ends": "1 1 35 1"}
     assert text == expected.get(name, text)
+
+
+def encoded_where_it_is(mask):
+    """rle_encode_batch, the encoder that runs on a GPU, here on a CPU tensor."""
+    import torch
+
+    return rle_encode_batch(torch.as_tensor(np.asarray(mask))[None] != 0)[0]
 
 
 def test_rle_is_row_major():
@@ -62,7 +70,7 @@ def test_rle_round_trips_every_real_mask():
     for path in sorted((REAL_SAMPLES / "train_masks").glob("*.gif")):
         mask = np.array(Image.open(path))
         text = rle_encode(mask)
-        assert predict.run_length_text(mask) == text, path.name
+        assert encoded_where_it_is(mask) == text, path.name
         assert np.array_equal(rle_decode(text, mask.shape), mask), path.name
         starts = np.array(text.split(), dtype=np.int64)[0::2]
         assert (np.diff(starts) > 0).all()
@@ -76,12 +84,12 @@ def test_rows_made_on_the_device_and_by_cpu_threads_match_rle_encode():
                            mode="bilinear")
     probability = torch.cat((smooth, torch.zeros(1, 1, 16, 24), torch.ones(1, 1, 16, 24)))  # empty, full
     sizes = [(50, 70), (33, 41), (50, 70), (50, 70), (33, 41)]
-    rows = predict.device_rows(probability, sizes, 0.5)  # the GPU path's code, here on CPU tensors
+    rows = submission.rows_on_device(probability, sizes, 0.5)  # the GPU path's code, here on CPU tensors
     for index, size in enumerate(sizes):
         upsampled = F.interpolate(probability[index:index + 1], size=size, mode="bilinear", align_corners=False)
         expected = rle_encode(upsampled[0, 0].numpy() > 0.5)
         assert rows[index] == expected
-        assert predict.cpu_row(probability[index, 0].numpy(), size, 0.5) == expected
+        assert submission.row_text(probability[index, 0].numpy(), size, 0.5) == expected
     assert rows[3] == "" and rows[4] == f"1 {33 * 41}"
 
 
@@ -173,7 +181,7 @@ def test_training_writes_history_curves_and_gallery(trained):
 @pytest.mark.parametrize("images", [[], ["--no-images"]], ids=["with-images", "rows-only"])
 def test_ctrl_c_keeps_the_rows_written_and_says_how_to_finish(trained, synthetic_root, tmp_path, monkeypatch, capsys,
                                                               images):
-    real = predict.Submission.add
+    real = submission.Submission.add
     calls = []
 
     def interrupted_on_the_fifth(*args):
@@ -182,7 +190,7 @@ def test_ctrl_c_keeps_the_rows_written_and_says_how_to_finish(trained, synthetic
             raise KeyboardInterrupt
         real(*args)
 
-    monkeypatch.setattr(predict.Submission, "add", interrupted_on_the_fifth)
+    monkeypatch.setattr(submission.Submission, "add", interrupted_on_the_fifth)
     assert run_submission(trained, synthetic_root / "train", tmp_path, *images) == 130
     assert "interrupted after 4 images; the same command with --resume finishes" in capsys.readouterr().err
     assert len(read_rows(tmp_path / "sub.csv")) == 1 + 4

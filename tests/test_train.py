@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train
-from conftest import tiny_args
+from conftest import split_of, tiny_args
 from utils import load_checkpoint
 
 
@@ -64,7 +64,7 @@ def test_prediction_pictures_show_four_cars_under_titles_in_the_runs_own_folder(
     tmp, result = trained
     pictures = sorted((tmp / "saved_images" / "checkpoints").glob("pred_*.png"))
     cars = {picture.stem.removeprefix("pred_").rsplit("_", 1)[0] for picture in pictures}
-    _, val = train.load_samples(result["config"])
+    _, val = split_of(result["config"])
     assert len(cars) == min(4, len({sample.image.stem.rsplit("_", 1)[0] for sample in val}))
     with Image.open(pictures[0]) as picture:
         pixels = picture.convert("L")

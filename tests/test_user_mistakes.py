@@ -6,7 +6,7 @@ import torch
 
 import predict
 import train
-from conftest import tiny_args
+from conftest import split_of, tiny_args
 from utils import load_checkpoint, save_checkpoint
 
 
@@ -53,7 +53,7 @@ def test_a_cut_row_is_dropped_by_an_atomic_replacement_that_a_kill_cannot_harm(t
     def killed(*arguments):
         raise KeyboardInterrupt  # dies while copying the complete rows
 
-    monkeypatch.setattr(predict.shutil, "copyfileobj", killed)
+    monkeypatch.setattr("submission.shutil.copyfileobj", killed)
     with pytest.raises(KeyboardInterrupt):
         predict.main([*args, "--resume"])
     assert submission.read_bytes() == cut  # the file as it was: every complete row kept
@@ -195,22 +195,22 @@ def test_camera_names_are_split_by_photo_with_a_warning(tmp_path, synthetic_root
     root = camera_named_folder(tmp_path, synthetic_root)
     config = {**train.defaults(), "DATA_DIR": str(root), "CACHE_DIR": "", "VAL_FRACTION": 0.2}
     for seed in (1, 2, 3):
-        training, validation = train.load_samples({**config, "SEED": seed})
+        training, validation = split_of({**config, "SEED": seed})
         assert len(validation) in (12, 13) and len(training) + len(validation) == 64
     err = capsys.readouterr().err
     assert "64 of the 64 photos in" in err and "have no car id in their names (DSC_0045.jpg" in err
 
 
 def test_a_second_mask_and_a_broken_link_are_named_not_ignored(tmp_path, synthetic_root):
-    import dataset as data
+    import data_folder
 
     root = tmp_path / "data"
     shutil.copytree(synthetic_root, root)
     mask = min((root / "train_masks").glob("*.gif"))
     shutil.copy(mask, mask.with_suffix(".GIF"))
     (root / "train" / "moved.jpg").symlink_to(tmp_path / "elsewhere" / "moved.jpg")
-    samples, problems = data.scan_pairs(root / "train", root / "train_masks", progress=False)
-    reasons = {path.name: reason for path, reason in problems}
+    samples, problems = data_folder.scan_pairs(root / "train", root / "train_masks", progress=False)
+    reasons = {path.name: reason for path, reason in problems.skipped}
     assert reasons[mask.with_suffix(".GIF").name] == f"not used: {mask.stem.removesuffix('_mask')}.jpg has another mask, {mask.name}"
     assert reasons["moved.jpg"].startswith("a symbolic link to ") and reasons["moved.jpg"].endswith("which does not exist")
     assert len(samples) == 16

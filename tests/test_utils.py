@@ -37,7 +37,7 @@ def test_check_accuracy_counts_dice_and_pixels_over_a_loader():
     answer = target.clone()
     answer[0, 0, 0] = 0  # 4 of 8 car pixels found in image 0; image 1 empty and predicted empty
     loader = [(torch.zeros(2, 3, 4, 4), target)]
-    result = utils.check_accuracy(loader, Echo(answer), torch.device("cpu"))
+    result = utils.evaluate(loader, Echo(answer), torch.device("cpu"))
     assert result["dice"] == pytest.approx((2 * 4 / 12 + 1.0) / 2)
     assert result["pixel_accuracy"] == pytest.approx(28 / 32)
 

@@ -6,10 +6,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import dataset as data
+import data_folder
 import train
-from conftest import LEARNS, tiny_args
-from utils import autocast_dtype, check_accuracy, load_checkpoint, model_from_checkpoint, recompute_batchnorm
+from conftest import LEARNS, split_of, tiny_args
+from dataset import CarvanaDataset, val_transform
+from utils import autocast_dtype, evaluate, load_checkpoint, model_from_checkpoint, recompute_batchnorm
 
 
 def test_recompute_batchnorm_averages_the_batch_statistics_and_restores_the_layer():
@@ -38,10 +39,10 @@ def test_printed_dice_is_what_the_saved_checkpoint_scores(tmp_path, synthetic_ro
         rows = list(csv.DictReader(stream))
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     model = model_from_checkpoint(state).to(memory_format=torch.channels_last)
-    _, val = train.load_samples(config)
-    loader = DataLoader(data.CarvanaDataset(val, data.val_transform(), state["image_size"]), batch_size=4)
+    _, val = split_of(config)
+    loader = DataLoader(CarvanaDataset(val, val_transform(), state["image_size"]), batch_size=4)
     device = torch.device("cpu")
-    scores = check_accuracy(loader, model, device, state["threshold"], autocast_dtype(device))  # as predict.py runs
+    scores = evaluate(loader, model, device, state["threshold"], autocast_dtype(device))  # as predict.py runs
     assert scores["dice"] == pytest.approx(float(rows[-1]["dice"]), abs=1e-4)
     assert float(rows[0]["dice"]) > 0.3  # the first epoch's model already predicts car
 
@@ -54,7 +55,7 @@ def test_batchnorm_statistics_are_recomputed_before_each_validation(tmp_path, sy
     state = load_checkpoint(tmp_path / "on" / "checkpoints" / "last.pt")
     model = model_from_checkpoint(state)
     saved = {name: value.clone() for name, value in model.state_dict().items() if "running" in name}
-    train_samples, _ = train.load_samples(config)
+    train_samples, _ = split_of(config)
     subset = train.batchnorm_set(train_samples, config, None)
     device = torch.device("cpu")
     recompute_batchnorm(model, DataLoader(subset, batch_size=config["BATCH_SIZE"]), device, autocast_dtype(device))
@@ -67,7 +68,7 @@ def test_batchnorm_statistics_are_recomputed_before_each_validation(tmp_path, sy
 
 
 def test_the_recomputing_images_are_bounded_and_the_same_every_time():
-    samples = [data.Sample(f"car{i:03d}_01.jpg", f"car{i:03d}_01_mask.gif", 10, 10) for i in range(500)]
+    samples = [data_folder.Sample(f"car{i:03d}_01.jpg", f"car{i:03d}_01_mask.gif", 10, 10) for i in range(500)]
     config = {**train.defaults(), "BATCHNORM_IMAGES": 256}
     first = train.batchnorm_set(samples, config, None).samples
     assert len(first) == 256 and first == train.batchnorm_set(samples, config, None).samples

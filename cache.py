@@ -1,0 +1,169 @@
+"""The resized cache: every photo and mask decoded once at the training size into memory-mapped
+arrays, shared safely by runs side by side."""
+import errno
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dataset import load_training_pair
+from files import hold_shared, in_use, make_run_folder
+from image_files import file_digest
+from utils import wait_for_other_processes
+
+
+class ResizedCache:
+    """Images and masks decoded once and resized to the training size, kept as uint8 arrays in
+    .npy files that every loader worker memory-maps. The file names carry a key made from the size
+    and each source file's bytes (Sample.digest): any change is a new entry. Runs sharing the folder
+    never touch each other's entries: a run holds a shared lock on the entries it reads, and an
+    entry of another key is removed only when nobody holds one."""
+
+    VERSION = 3  # 3: keyed to the files' bytes; 2: masks stored as area-averaged car shares
+
+    def __init__(self, folder, name, samples, size):
+        self.samples, self.size = list(samples), tuple(size)
+        digests = [(Path(s.image).name, s.digest or file_digest(s.image) + file_digest(s.mask)) for s in self.samples]
+        key = hashlib.sha1(repr((self.VERSION, self.size, digests)).encode()).hexdigest()[:12]
+        self.prefix = f"{name}-{size[0]}x{size[1]}-"
+        self.folder = Path(folder)
+        self.paths = {part: self.folder / f"{self.prefix}{key}-{part}.npy" for part in ("images", "masks", "ok")}
+        self.rows = {s.image: row for row, s in enumerate(self.samples)}
+        self.arrays, self.lock = None, None
+
+    def __getstate__(self):  # loader workers open their own memory maps; the lock stays here
+        return {**self.__dict__, "arrays": None, "lock": None}
+
+    def ready(self):
+        return all(path.is_file() for path in self.paths.values())
+
+    def hold(self):
+        """Mark this entry as read by this process, as long as the cache object lives."""
+        if self.lock is None:
+            self.lock = hold_shared(self.paths["images"])
+        return self
+
+    def bytes_needed(self):
+        height, width = self.size
+        return len(self.samples) * height * width * 5
+
+    def build(self, workers=0):
+        """Decode every sample once (in `workers` processes), with a progress bar. The disk space is
+        reserved first, so a full disk is an OSError here, never a crash while the arrays are filled;
+        whatever stops the build, its temporary files go (or, after kill -9, with the next build)."""
+        from numpy.lib.format import open_memmap
+        from tqdm.auto import tqdm
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        count, (height, width) = len(self.samples), self.size
+        tag = f"{os.getpid()}-{os.urandom(4).hex()}"  # machines sharing one CACHE_DIR may build at once
+        temporary = {part: path.with_name(f".{path.name}.{tag}.tmp") for part, path in self.paths.items()}
+        locks = []
+        try:
+            images = open_memmap(temporary["images"], "w+", np.uint8, (count, height, width, 3))
+            masks = open_memmap(temporary["masks"], "w+", np.uint8, (count, height, width))
+            locks = [hold_shared(temporary["images"]), hold_shared(temporary["masks"])]  # in use: not a leftover
+            for array in (images, masks):
+                reserve(array.filename, array.offset + array.nbytes)
+            ok = np.zeros(count, np.uint8)
+            loader = torch.utils.data.DataLoader(_Decoded(self.samples, self.size), batch_size=None,
+                                                 num_workers=workers)
+            for row, image, mask, problem in tqdm(loader, total=count, desc=f"caching {self.prefix[:-1]}",
+                                                  unit="img"):
+                if problem:
+                    print(f"warning: skipping {problem}", file=sys.stderr)
+                    continue
+                images[row], masks[row], ok[row] = image, mask, 1
+            images.flush()
+            masks.flush()
+            del images, masks
+            with open(temporary["ok"], "wb") as stream:  # a handle: np.save would add .npy to the name
+                np.save(stream, ok)
+            for part in ("masks", "ok", "images"):  # images last: its name is what ready() trusts most
+                os.replace(temporary[part], self.paths[part])
+        except BaseException:
+            for path in temporary.values():
+                path.unlink(missing_ok=True)
+            raise
+        self.lock = locks[0]  # the same file, now under its own name: held from its first instant
+        self.remove_unused()
+
+    def remove_unused(self):
+        """Remove the entries of this split and size with another key that no process reads, and the
+        temporary files of builds killed outright."""
+        for leftover in self.folder.glob(f".{self.prefix}*.tmp"):
+            if not in_use(leftover):
+                leftover.unlink(missing_ok=True)
+        for images in self.folder.glob(f"{self.prefix}*-images.npy"):
+            if images != self.paths["images"] and not in_use(images):
+                entry = images.name.removesuffix("images.npy")
+                for part in ("images", "masks", "ok"):
+                    (self.folder / f"{entry}{part}.npy").unlink(missing_ok=True)
+
+    def get(self, sample):
+        if self.arrays is None:
+            self.arrays = {part: np.load(path, mmap_mode="r") for part, path in self.paths.items()}
+        row = self.rows[sample.image]
+        if not self.arrays["ok"][row]:
+            raise ValueError(f"{sample.image}: could not be decoded when the cache was built")
+        return np.array(self.arrays["images"][row]), np.array(self.arrays["masks"][row])
+
+
+def reserve(path, size):
+    """Allocate a file's blocks now (OSError 'No space left on device' when they do not fit): a memory
+    map over a sparse file would die of SIGBUS mid-build instead."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    handle = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(handle, 0, size)
+    except OSError as error:
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # file systems without it
+            raise
+    finally:
+        os.close(handle)
+
+
+class _Decoded(Dataset):
+    """(row, image, mask, problem) at the cache's size, for ResizedCache.build's loader workers."""
+
+    def __init__(self, samples, size):
+        self.samples, self.size = samples, size
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, row):
+        try:
+            return (row, *load_training_pair(self.samples[row], self.size), None)
+        except (OSError, ValueError, cv2.error) as error:
+            return row, None, None, str(error)
+
+
+def split_cache(samples, name, folder, size, builds, workers=0):
+    """The ResizedCache of a split (name: "train" or "val") in folder, built here if `builds` (one
+    process per machine) and held while this run reads it; None when it cannot be written or would
+    not fit, and training then decodes every epoch. Under torchrun the other processes wait for the
+    builder."""
+    cache = ResizedCache(folder, name, samples, size)
+    if builds and not cache.ready():
+        needed = cache.bytes_needed()
+        try:
+            make_run_folder(folder)
+            free = shutil.disk_usage(folder).free
+            if free < 1.2 * needed:  # a margin for the checkpoints and everything else on that disk
+                raise OSError(f"{free / 2**30:.1f} GiB free, it needs {needed / 2**30:.1f} GiB")
+            print(f"caching the {len(samples)} {name} images at {size[0]}x{size[1]} in {folder}: "
+                  f"{needed / 2**30:.2f} GiB of its {free / 2**30:.1f} GiB free, once", file=sys.stderr)
+            cache.build(workers)
+        except OSError as error:
+            print(f"warning: cannot cache the {name} images in {folder} ({error.strerror or error}): decoding "
+                  f"every epoch instead", file=sys.stderr)
+    wait_for_other_processes()
+    return cache.hold() if cache.ready() else None

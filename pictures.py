@@ -1,0 +1,118 @@
+"""Pictures of masks: overlays, titled sheets of panels, the training curves and the gallery of the
+worst validation images."""
+from pathlib import Path
+
+import numpy as np
+
+
+def mask_to_rgb(mask):
+    return np.repeat((np.asarray(mask) > 0).astype(np.uint8)[..., None] * 255, 3, axis=2)
+
+
+def overlay(image, mask, colour=(255, 0, 0), strength=0.45):
+    """The image with the mask tinted in a colour (RGB uint8 in and out)."""
+    out = image.astype(np.float32)
+    where = np.asarray(mask) > 0
+    out[where] = out[where] * (1 - strength) + np.array(colour, np.float32) * strength
+    return out.astype(np.uint8)
+
+
+def draw_panels(rows, path, gap=8, title_height=26):
+    """Save a sheet of pictures: each row a list of equally tall RGB panels and their titles, each
+    title above its panel. Drawn with Pillow, which is far quicker here than matplotlib."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=18)
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1 or without FreeType: the small bitmap font
+        font = ImageFont.load_default()
+    width = max(sum(panel.shape[1] for panel in panels) + gap * (len(panels) - 1) for panels, _ in rows)
+    heights = [max(panel.shape[0] for panel in panels) + title_height + gap for panels, _ in rows]
+    sheet = Image.new("RGB", (width, sum(heights)), "white")
+    draw = ImageDraw.Draw(sheet)
+    top = 0
+    for (panels, titles), height in zip(rows, heights):
+        left = 0
+        for panel, title in zip(panels, titles):
+            while len(title) > 1 and draw.textlength(title, font=font) > panel.shape[1] - 4:  # never over the next
+                title = title[:-2] + "…"
+            draw.text((left + 2, top + 4), title, fill="black", font=font)
+            sheet.paste(Image.fromarray(np.ascontiguousarray(panel)), (left, top + title_height))
+            left += panel.shape[1] + gap
+        top += height
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return Path(path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_training_curves(rows, path):
+    """Loss and validation scores per epoch from history rows (dicts as in history.csv)."""
+    plt = _pyplot()
+    epochs = [int(row["epoch"]) for row in rows]
+    figure, (losses, scores) = plt.subplots(1, 2, figsize=(11, 4))
+    losses.plot(epochs, [float(r["train_loss"]) for r in rows], "o-", label="train loss")
+    losses.plot(epochs, [float(r["val_loss"]) for r in rows], "o-", label="validation loss")
+    losses.set(xlabel="epoch", ylabel="loss", title="Loss")
+    scores.plot(epochs, [float(r["dice"]) for r in rows], "o-", label="Dice")
+    scores.plot(epochs, [float(r["pixel_accuracy"]) for r in rows], "o-", label="pixel accuracy")
+    scores.set(xlabel="epoch", title="Validation")
+    from matplotlib.ticker import MaxNLocator
+
+    for axes in (losses, scores):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def difference_picture(truth, prediction):
+    """Black where right, red for false positives (car predicted on background), blue for misses."""
+    picture = np.zeros((*truth.shape, 3), np.uint8)
+    picture[(prediction > 0) & (truth == 0)] = (230, 40, 40)
+    picture[(prediction == 0) & (truth > 0)] = (40, 90, 230)
+    picture[(prediction > 0) & (truth > 0)] = (70, 70, 70)
+    return picture
+
+
+class WorstImages:
+    """Keeps the `count` lowest-Dice (name, dice, image, truth, prediction), each scaled to `width`
+    pixels wide for drawing."""
+
+    def __init__(self, count=6, width=480):
+        self.count, self.width, self.items = count, width, []
+
+    def add(self, name, dice, image, truth, prediction):
+        if len(self.items) == self.count and dice >= self.items[-1][1]:
+            return
+        import cv2
+
+        scale = self.width / image.shape[1]
+        size = (self.width, max(1, round(image.shape[0] * scale)))
+
+        def scaled(picture, interpolation):
+            return cv2.resize(np.ascontiguousarray(picture, np.uint8), size, interpolation=interpolation)
+
+        self.items.append((name, dice, scaled(image, cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR),
+                           scaled(truth, cv2.INTER_NEAREST), scaled(prediction, cv2.INTER_NEAREST)))
+        self.items = sorted(self.items, key=lambda item: item[1])[: self.count]
+
+    def save(self, path):
+        """One row per image: image, truth, prediction, differences, each under its title (the file
+        name and Dice on the first)."""
+        if not self.items:
+            return None
+        return draw_panels([((image, mask_to_rgb(truth), mask_to_rgb(prediction), difference_picture(truth, prediction)),
+                             (f"{name}  Dice {dice:.4f}", "truth", "prediction", "red: false car, blue: missed car"))
+                            for name, dice, image, truth, prediction in self.items], path)

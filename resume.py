@@ -1,0 +1,117 @@
+"""Continuing a run (LOAD_MODEL) and never overwriting one: which checkpoint a resume reads, which
+settings come from it, that its photos are the same, and the history up to where it stopped."""
+import csv
+from pathlib import Path
+from typing import NamedTuple
+
+from settings import shown
+from utils import CheckpointError, all_finite, load_checkpoint
+
+# These settings shape the split, the model or the optimizer: a resume takes them from the
+# checkpoint, and one given with another value is refused. DATA_DIR and NUM_EPOCHS come from it unless
+# given (the data may move; a run may be lengthened). The rest (NUM_WORKERS, DEVICE, AMP, AMP_DTYPE,
+# PIN_MEMORY, CACHE_DIR, COMPILE, SAVED_IMAGES, ...) are the session's own.
+RUN_SETTINGS = ("IMAGE_HEIGHT", "IMAGE_WIDTH", "BATCH_SIZE", "LEARNING_RATE", "WARMUP", "HEAD_LR_FACTOR", "LOSS",
+                "SEED", "VAL_FRACTION", "FEATURES", "THRESHOLD", "EMA_DECAY", "BATCHNORM_IMAGES", "CHANNELS_LAST",
+                "SYNC_BATCHNORM")
+CONTINUED_SETTINGS = ("DATA_DIR", "NUM_EPOCHS")
+EARLIER_RUN_FILES = ("last.pt", "best.pt", "history.csv")
+
+
+class Resumed(NamedTuple):
+    path: Path   # the checkpoint read
+    state: dict  # its contents
+
+
+def refuse_to_overwrite(checkpoints):
+    """A fresh run never replaces an earlier run's checkpoints or history."""
+    earlier = [name for name in EARLIER_RUN_FILES if (checkpoints / name).is_file()]
+    if earlier:
+        raise SystemExit(f"error: {checkpoints} holds an earlier run ({', '.join(earlier)}): continue it with "
+                         f"--LOAD_MODEL=true, or start a new run with another --CHECKPOINT_DIR")
+
+
+def resume_file(checkpoints):
+    """last.pt; or best.pt where a run was killed after its first best.pt and before any last.pt
+    (best.pt holds the same complete state, so continuing from it loses nothing)."""
+    last, best = checkpoints / "last.pt", checkpoints / "best.pt"
+    return best if best.is_file() and not last.is_file() else last
+
+
+def read(checkpoints, device):
+    """The Resumed state that a LOAD_MODEL run continues from, or SystemExit saying why there is none."""
+    path = resume_file(checkpoints)
+    try:
+        state = load_checkpoint(path, device)
+    except CheckpointError as error:
+        raise SystemExit(f"error: cannot resume (LOAD_MODEL): {str(error).splitlines()[0]}") from None
+    if not all(all_finite(state.get(part, {}).values()) for part in ("model", "training_model")):
+        raise SystemExit(f"error: cannot resume (LOAD_MODEL): {path} holds NaN or infinite weights (not written by "
+                         f"this version, which never saves them); start a new run with another --CHECKPOINT_DIR")
+    return Resumed(path, state)
+
+
+def conflicts(config, named, saved):
+    """The settings named for a resume that differ from the run's own (saved: the checkpoint's config)."""
+    return [name for name in RUN_SETTINGS if name in named and name in saved and shown(config[name]) != shown(saved[name])]
+
+
+def conflicts_with_checkpoint(config, named):
+    """conflicts() with the run in config's CHECKPOINT_DIR ([] when it holds none): the notebook
+    resumes only the same run."""
+    path = resume_file(Path(config["CHECKPOINT_DIR"]))
+    if not path.is_file():
+        return []
+    try:
+        saved = load_checkpoint(path)["config"]
+    except CheckpointError:
+        return ["(unreadable checkpoint)"]
+    return conflicts(config, named, saved)
+
+
+def continue_settings(config, named, resumed, log):
+    """The settings of a resumed run: its own (RUN_SETTINGS, CONTINUED_SETTINGS unless named) and the
+    session's for the rest. A run setting named with another value is a one-line error naming it."""
+    saved = resumed.state.get("config", {})
+    refused = conflicts(config, named, saved)
+    if refused:
+        what = "model" if refused == ["FEATURES"] else "settings"
+        listed = "; ".join(f"{name}={shown(saved[name])}, this run asks for {shown(config[name])}" for name in refused)
+        raise SystemExit(f"error: cannot resume (LOAD_MODEL): {resumed.path} holds another run's {what} ({listed}); "
+                         f"resume without changing them, or start a new run with another --CHECKPOINT_DIR")
+    kept = {name: saved[name] for name in (*RUN_SETTINGS, *CONTINUED_SETTINGS) if name in saved and name not in named}
+    changed = [f"{name}={shown(value)}" for name, value in kept.items() if shown(value) != shown(config[name])]
+    if changed:
+        log(f"continuing {resumed.path}'s run with its own settings: {', '.join(changed)}")
+    return {**config, **kept}
+
+
+def split_names(train_samples, val_samples):
+    """The split as file names, as checkpoints record it: the folder may move, the photos may not change."""
+    return {"train": sorted(Path(s.image).name for s in train_samples),
+            "val": sorted(Path(s.image).name for s in val_samples)}
+
+
+def check_same_photos(resumed, train_samples, val_samples):
+    """SystemExit when the photos of a resumed run's split have changed: a new split would validate on
+    photos the run trained on."""
+    saved_split = resumed.state.get("split")
+    if not saved_split:
+        return  # checkpoints older than the split record
+    now = split_names(train_samples, val_samples)
+    for side in ("train", "val"):
+        before = set(saved_split[side])
+        if set(now[side]) != before:
+            added, gone = len(set(now[side]) - before), len(before - set(now[side]))
+            raise SystemExit(f"error: cannot resume (LOAD_MODEL): the {side} photos differ from {resumed.path}'s "
+                             f"run ({added} new, {gone} gone): the data changed since it started, so validation "
+                             f"would mix with training; restore the photos, or start a new run with another "
+                             f"--CHECKPOINT_DIR")
+
+
+def read_history(path, epochs_done):
+    """Rows of an earlier run's history.csv up to the epoch a resume starts from."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as stream:
+        return [row for row in csv.DictReader(stream) if int(row["epoch"]) <= epochs_done]
