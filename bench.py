@@ -2,6 +2,7 @@
 
 python bench.py [--height 160 --width 240 --batch 16 --steps 2 --images 24 --data DIR --no-compile]
 python bench.py --epoch DIR    # also: one train.py epoch on DIR before and after this project's fast paths
+python bench.py --memory       # only: training memory per image at sizes up to Carvana's 1280x1918
 
 Ratios are only meaningful between rows of the same run on the same machine.
 """
@@ -16,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data_folder
 import dataset
+import memory
 import synthetic
 import train
 from cache import ResizedCache
@@ -35,6 +37,8 @@ def parse_args(argv):
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (saves a minute or more on CPU)")
     parser.add_argument("--epoch", metavar="DIR", help="time one train.py epoch on DIR before and after")
+    parser.add_argument("--memory", action="store_true", help="print only the table of training memory per image "
+                                                               "and the largest batch that fits 16, 40 and 80 GiB")
     return parser.parse_args(argv)
 
 
@@ -52,23 +56,32 @@ class PeakMemory:
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
         else:
             try:  # Linux: "5" resets the peak resident set size (VmHWM)
                 Path("/proc/self/clear_refs").write_text("5")
             except OSError:
                 pass
+            self.start = resident("VmRSS")
         return self
 
     def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            import resource
+        self.peak = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else resident("VmHWM")
 
-            status = Path("/proc/self/status")
-            lines = status.read_text().splitlines() if status.exists() else []
-            kib = [int(line.split()[1]) for line in lines if line.startswith("VmHWM:")]
-            self.peak = 1024 * (kib[0] if kib else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    @property
+    def grown(self):
+        """How far the peak rose above the memory in use when the block began."""
+        return self.peak - self.start
+
+
+def resident(field):
+    """This process's resident memory (VmRSS) or its peak (VmHWM) in bytes, from /proc; else the peak."""
+    import resource
+
+    status = Path("/proc/self/status")
+    lines = status.read_text().splitlines() if status.exists() else []
+    kib = [int(line.split()[1]) for line in lines if line.startswith(f"{field}:")]
+    return 1024 * (kib[0] if kib else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def data_rates(samples, size, count):
@@ -129,14 +142,14 @@ def training_rate(args, device, features, amp_dtype, channels_last, compile_mode
         model.compile()
         step()  # compilation happens here
     synchronize(device)
-    with PeakMemory(device) as memory:
+    with PeakMemory(device) as peak:
         best = float("inf")
         for _ in range(args.steps):
             started = time.perf_counter()
             step()
             synchronize(device)
             best = min(best, time.perf_counter() - started)
-    return args.batch / best, counter.get_total_flops(), memory.peak
+    return args.batch / best, counter.get_total_flops(), peak.peak
 
 
 @torch.no_grad()
@@ -151,6 +164,69 @@ def inference_rate(args, device, features, amp_dtype):
             model(x)
         synchronize(device)
     return args.batch * args.steps / (time.perf_counter() - started)
+
+
+MEMORY_SIZES = ((160, 240), (320, 480), (640, 960), (1280, 1918))
+CAPACITIES = (16, 40, 80)  # GiB: a T4, an A100 40 GB, an A100 or H100 80 GB
+
+
+def real_step(features, size, batch, device, amp_dtype, checkpointing):
+    """(peak bytes above what was in use before the model existed, seconds) of one training step of a
+    fresh model at size, after a first step that builds Adam's state."""
+    with PeakMemory(device) as peak:
+        model = UNet(features=features, activation_checkpointing=checkpointing).to(device,
+                                                                                 memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(model.parameters())
+        average = [parameter.detach().clone() for parameter in model.parameters()]  # the weight average's copy
+        x = torch.rand(batch, 3, *size, device=device).contiguous(memory_format=torch.channels_last)
+        y = (torch.rand(batch, 1, *size, device=device) > 0.5).float()
+        for _ in range(2):
+            started = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            segmentation_loss(forward(model, x, device, amp_dtype), y).backward()
+            optimizer.step()
+            synchronize(device)
+    del model, optimizer, average, x, y
+    return peak.grown, time.perf_counter() - started
+
+
+def memory_rows(features, device, amp_dtype):
+    """Training memory per image at MEMORY_SIZES with and without activation checkpointing, in the
+    device's mixed-precision type, and the largest batch that fits each of CAPACITIES; on a GPU
+    measured by its allocator (two real steps a size), elsewhere counted (memory.step_bytes) and
+    checked against real steps at 320x480."""
+    fixed = memory.fixed_training_bytes(UNet(features=features))
+    rows, kind = [], "measured by the CUDA allocator" if device.type == "cuda" else "counted"
+    for size in MEMORY_SIZES:
+        for checkpointing in (False, True):
+            name = f"train {size[0]}x{size[1]}, activation checkpointing {'on' if checkpointing else 'off'}"
+            try:
+                if device.type == "cuda":
+                    one, two = (real_step(features, size, batch, device, amp_dtype, checkpointing)[0]
+                                for batch in (1, 2))
+                    per_image, per_step = two - one, max(0, one - (two - one) - fixed)
+                else:
+                    per_step, per_image = memory.step_bytes(features, size, amp_dtype, checkpointing)
+            except torch.OutOfMemoryError:
+                rows.append((name, "does not fit here at batch 2", ""))
+                torch.cuda.empty_cache()
+                continue
+            fits = [memory.largest_batch(capacity * 2**30, per_image, fixed + per_step) for capacity in CAPACITIES]
+            rows.append((f"{name}: memory per image ({kind}), largest batch in {' / '.join(map(str, CAPACITIES))} GiB",
+                         f"{per_image / 2**30:.2f} GiB", " / ".join(map(str, fits))))
+    rows.append(("  per run: weights, gradients, Adam's moments and the weight average", f"{fixed / 2**30:.2f} GiB", ""))
+    size, batch = (320, 480), 2
+    seconds = {}
+    for checkpointing in (False, True):
+        grown, seconds[checkpointing] = real_step(features, size, batch, device, amp_dtype, checkpointing)
+        per_step, per_image = memory.step_bytes(features, size, amp_dtype, checkpointing)
+        predicted = fixed + per_step + batch * per_image
+        name = (f"  check: one real step at {size[0]}x{size[1]}, batch {batch}, checkpointing "
+                f"{'on' if checkpointing else 'off'}: peak growth / counted")
+        rows.append((name, f"{grown / 2**30:.2f} GiB", f"{grown / predicted:.2f}x of {predicted / 2**30:.2f} GiB"))
+    rows.append((f"  step time with checkpointing / without ({size[0]}x{size[1]}, batch {batch})",
+                 f"{seconds[True]:.2f} s / {seconds[False]:.2f} s", f"{seconds[True] / seconds[False]:.2f}x"))
+    return rows
 
 
 def epoch_run(args, features, extra, folder, fast_paths=True):
@@ -195,6 +271,9 @@ def main(argv=None):
     size = (args.height, args.width)
     fast_dtype = autocast_dtype(device)
     rows = []
+    if args.memory:
+        print_table(device, args, features, memory_rows(features, device, fast_dtype))
+        return
 
     with tempfile.TemporaryDirectory() as folder:
         if args.data:
@@ -237,9 +316,13 @@ def main(argv=None):
     if args.epoch:
         rows += epoch_rows(args, features, step_rate)
 
+    print_table(device, args, features, rows)
+
+
+def print_table(device, args, features, rows):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}, {torch.get_num_threads()} threads"
-    print(f"\n{name}; torch {torch.__version__}; {args.height}x{args.width}, batch {args.batch}, "
-          f"UNet{features}")
+    shape = "" if args.memory else f"{args.height}x{args.width}, batch {args.batch}, "
+    print(f"\n{name}; torch {torch.__version__}; mixed precision {autocast_dtype(device)}; {shape}UNet{features}")
     print("| measurement | value | ratio |\n|---|---|---|")
     for row in rows:
         print(f"| {' | '.join(row)} |")

@@ -11,12 +11,14 @@ from torch.utils.data import Dataset, DistributedSampler
 from image_files import load_image, read_mask, shrink_mask
 
 
-def train_transform():
+def train_transform(crop=None):
     """Augmentations of (image, mask) pairs already at the training size: the changes real car
     photos show (position, size and a slight tilt of the car; left-right mirror; paint colour and
     light), never an upside-down car. Reflected borders instead of black corners, and car shares
-    interpolated linearly so the targets stay soft. Chosen on real photos: README, Training recipe."""
+    interpolated linearly so the targets stay soft. Chosen on real photos: README, Training recipe.
+    crop: (height, width) of a random crop taken first, or None for the whole image."""
     return A.Compose([
+        *([A.RandomCrop(*crop)] if crop else []),
         A.Affine(scale=(0.9, 1.1), translate_percent=(-0.0625, 0.0625), rotate=(-10, 10),
                  border_mode=cv2.BORDER_REFLECT_101, mask_interpolation=cv2.INTER_LINEAR, p=0.7),
         A.HorizontalFlip(p=0.5),

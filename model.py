@@ -1,7 +1,10 @@
 """UNet for binary segmentation (Ronneberger et al. 2015), with same-size padding."""
+from contextlib import contextmanager, nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 DEFAULT_FEATURES = (64, 128, 256, 512)
 
@@ -28,10 +31,12 @@ class UNet(nn.Module):
     about 31M parameters.
     """
 
-    def __init__(self, in_channels=3, out_channels=1, features=DEFAULT_FEATURES, matmul_upsampling=True):
+    def __init__(self, in_channels=3, out_channels=1, features=DEFAULT_FEATURES, matmul_upsampling=True,
+                 activation_checkpointing=False):
         super().__init__()
-        # A speed path, not part of the architecture: the same weights and values either way.
+        # Speed and memory paths, not part of the architecture: the same weights and values either way.
         self.matmul_upsampling = matmul_upsampling
+        self.activation_checkpointing = activation_checkpointing
         features = tuple(int(f) for f in features)
         if not features or min(features) < 1:
             raise ValueError(f"features must be positive channel counts, got {features}")
@@ -59,18 +64,52 @@ class UNet(nn.Module):
                              f"the least this {len(self.downs)}-level UNet can pool")
         skips = []
         for down in self.downs:
-            x = down(x)
-            skips.append(x)
-            x = self.pool(x)
-        x = self.bottleneck(x)
+            skip, x = self.level(self.down_level, down, x)
+            skips.append(skip)
+        x = self.level(self.bottleneck, x)
         for up, up_conv, skip in zip(self.ups, self.up_convs, reversed(skips)):
-            x = transposed_conv_as_matmul(up, x) if self.matmul_upsampling else up(x)
-            # Pooling floors odd sizes, so the upsampled map can be one row or column short.
-            dy, dx = skip.shape[-2] - x.shape[-2], skip.shape[-1] - x.shape[-1]
-            if dy or dx:
-                x = F.pad(x, (0, dx, 0, dy))
-            x = up_conv(torch.cat((skip, x), dim=1))
+            x = self.level(self.up_level, up, up_conv, x, skip)
         return self.head(x)
+
+    def down_level(self, block, x):
+        """(the level's features, kept for its skip connection; the same pooled for the level below)."""
+        skip = block(x)
+        return skip, self.pool(skip)
+
+    def up_level(self, up, block, x, skip):
+        x = transposed_conv_as_matmul(up, x) if self.matmul_upsampling else up(x)
+        # Pooling floors odd sizes, so the upsampled map can be one row or column short.
+        dy, dx = skip.shape[-2] - x.shape[-2], skip.shape[-1] - x.shape[-1]
+        if dy or dx:
+            x = F.pad(x, (0, dx, 0, dy))
+        return block(torch.cat((skip, x), dim=1))
+
+    def level(self, function, *args):
+        """function(*args); with activation checkpointing the backward pass keeps only the level's
+        inputs and runs it again to get the rest (its BatchNorm statistics left alone the second time)."""
+        if not (self.activation_checkpointing and torch.is_grad_enabled()):
+            return function(*args)
+        if torch.compiler.is_compiling():  # the compiled backward recomputes without the forward's side effects
+            return checkpoint(function, *args, use_reentrant=False)
+        modules = [part for part in (function, *args) if isinstance(part, nn.Module)]
+        return checkpoint(function, *args, use_reentrant=False,
+                          context_fn=lambda: (nullcontext(), running_stats_kept(modules)))
+
+
+@contextmanager
+def running_stats_kept(blocks):
+    """BatchNorm layers whose running statistics do not move (momentum 0) while blocks run again."""
+    norms = [module for block in blocks for module in block.modules()
+             if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    kept = [(norm.momentum, norm.num_batches_tracked.clone()) for norm in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, (momentum, batches) in zip(norms, kept):
+            norm.momentum = momentum
+            norm.num_batches_tracked.copy_(batches)
 
 
 def transposed_conv_as_matmul(up, x):

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 import data_folder
 import image_files
+import memory
 from dataset import to_tensor, val_transform
 from files import not_a_folder
 from pictures import WorstImages, overlay
@@ -366,6 +367,14 @@ def main(argv=None):
         resume = f"; the same command with --resume finishes {args.submission}" if submission else ""
         print(f"\ninterrupted after {outputs.finished} images{resume}", file=sys.stderr)
         return 130
+    except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        resume = f"; the same command with --resume finishes {args.submission}" if submission else ""
+        advice = memory.out_of_memory_in_prediction(predictor.model, device, state["image_size"], args.batch_size,
+                                                    predictor.amp_dtype)
+        print(f"error: {advice}{resume}", file=sys.stderr)
+        return 1
     finally:
         torch.set_num_threads(threads_before)
         if encoder:

@@ -10,10 +10,10 @@ from utils import CheckpointError, all_finite, load_checkpoint
 # These settings shape the split, the model or the optimizer: a resume takes them from the
 # checkpoint, and one given with another value is refused. DATA_DIR and NUM_EPOCHS come from it unless
 # given (the data may move; a run may be lengthened). The rest (NUM_WORKERS, DEVICE, AMP, AMP_DTYPE,
-# PIN_MEMORY, CACHE_DIR, COMPILE, SAVED_IMAGES, ...) are the session's own.
-RUN_SETTINGS = ("IMAGE_HEIGHT", "IMAGE_WIDTH", "BATCH_SIZE", "LEARNING_RATE", "WARMUP", "HEAD_LR_FACTOR", "LOSS",
-                "SEED", "VAL_FRACTION", "FEATURES", "THRESHOLD", "EMA_DECAY", "BATCHNORM_IMAGES", "CHANNELS_LAST",
-                "SYNC_BATCHNORM")
+# PIN_MEMORY, CACHE_DIR, COMPILE, ACTIVATION_CHECKPOINTING, SAVED_IMAGES, ...) are the session's own.
+RUN_SETTINGS = ("IMAGE_HEIGHT", "IMAGE_WIDTH", "BATCH_SIZE", "ACCUMULATE_STEPS", "CROP_HEIGHT", "CROP_WIDTH",
+                "LEARNING_RATE", "WARMUP", "HEAD_LR_FACTOR", "LOSS", "SEED", "VAL_FRACTION", "FEATURES", "THRESHOLD",
+                "EMA_DECAY", "BATCHNORM_IMAGES", "CHANNELS_LAST", "SYNC_BATCHNORM")
 CONTINUED_SETTINGS = ("DATA_DIR", "NUM_EPOCHS")
 EARLIER_RUN_FILES = ("last.pt", "best.pt", "history.csv")
 

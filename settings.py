@@ -82,7 +82,7 @@ def check(config):
     def fail(message):
         raise SystemExit(f"error: {message}")
 
-    for name in ("IMAGE_HEIGHT", "IMAGE_WIDTH", "BATCH_SIZE", "NUM_EPOCHS"):
+    for name in ("IMAGE_HEIGHT", "IMAGE_WIDTH", "BATCH_SIZE", "NUM_EPOCHS", "ACCUMULATE_STEPS"):
         if config[name] < 1:
             fail(f"{name} must be at least 1, got {config[name]}")
     if config["BATCHNORM_IMAGES"] < 0:
@@ -119,6 +119,14 @@ def check(config):
     for name, folder in (("CHECKPOINT_DIR", config["CHECKPOINT_DIR"]), ("SAVED_IMAGES", pictures_folder(config))):
         if not_a_folder(folder):
             fail(f"{name}: {not_a_folder(folder)} is a file, so no folder can be made at {folder}")
+    crop = config["CROP_HEIGHT"], config["CROP_WIDTH"]
+    if crop != (0, 0):
+        if min(crop) < 2**levels or crop[0] > config["IMAGE_HEIGHT"] or crop[1] > config["IMAGE_WIDTH"]:
+            fail(f"CROP_HEIGHT x CROP_WIDTH must both be 0 (whole images) or between {2**levels} and "
+                 f"IMAGE_HEIGHT x IMAGE_WIDTH ({config['IMAGE_HEIGHT']}x{config['IMAGE_WIDTH']}), got {crop[0]}x{crop[1]}")
+        if (crop[0] >> levels) * (crop[1] >> levels) < 2:
+            fail(f"CROP_HEIGHT x CROP_WIDTH {crop[0]}x{crop[1]} leaves the {levels}-level UNet's bottleneck one "
+                 f"pixel: make one side at least {2 ** (levels + 1)}")
     if (config["IMAGE_HEIGHT"] >> levels) * (config["IMAGE_WIDTH"] >> levels) < 2:
         fail(f"IMAGE_HEIGHT x IMAGE_WIDTH {config['IMAGE_HEIGHT']}x{config['IMAGE_WIDTH']} leaves the {levels}-level "
              f"UNet's bottleneck one pixel, where BatchNorm has one value per channel from a 1-image batch: "

@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 import data_folder
 import dataset
+import memory
 import resume
 import settings
 import synthetic
@@ -54,7 +56,10 @@ DATA_DIR = "data"                 # train/ + train_masks/ (Carvana), train_image
 CHECKPOINT_DIR = "checkpoints"    # last.pt every epoch, best.pt on a new best Dice; on Colab a Drive folder
 IMAGE_HEIGHT = 160                # pixels the model sees; Carvana's photos are 1280 high
 IMAGE_WIDTH = 240                 # pixels the model sees; Carvana's photos are 1918 wide
-BATCH_SIZE = 8                    # images per optimizer step (README: Training recipe)
+BATCH_SIZE = 8                    # images per micro-batch (README: Training recipe)
+ACCUMULATE_STEPS = 1              # micro-batches per optimizer step: the effective batch is BATCH_SIZE x ACCUMULATE_STEPS
+CROP_HEIGHT = 0                   # train on random crops this high of the IMAGE_HEIGHT images (0: whole images); validation sees whole images
+CROP_WIDTH = 0                    # train on random crops this wide of the IMAGE_WIDTH images (0: whole images)
 NUM_EPOCHS = 5                    # passes over the training images (a resume keeps the run's own unless given)
 LEARNING_RATE = 3e-4              # Adam's rate at step 0 of the cosine decay to 1% of it over the run
 WARMUP = 0.1                      # share of the run's steps over which a linear rise scales the rate up (0 <= x < 1)
@@ -75,6 +80,7 @@ BATCHNORM_IMAGES = 256            # training images (unaugmented) that BatchNorm
 SAVED_IMAGES = "saved_images"     # pictures of a run go to SAVED_IMAGES/<CHECKPOINT_DIR's name>/ (curves, predictions)
 DEMO = True                       # DATA_DIR left at "data" and no data there: generate synthetic cars, train with DEMO_SETTINGS
 CHANNELS_LAST = True              # NHWC memory format: faster convolutions with oneDNN and cuDNN tensor cores
+ACTIVATION_CHECKPOINTING = False  # recompute each UNet level in the backward pass: about a third more compute, far less memory
 CACHE_DIR = "cache"               # decoded, resized uint8 copies of the data, made once (local disk); "" decodes every epoch
 COMPILE = False                   # torch.compile the model in place: faster steps after a slow first one
 SYNC_BATCHNORM = False            # under torchrun: BatchNorm statistics over all processes' batches (CUDA)
@@ -151,7 +157,8 @@ def run(config, named, rank, world_size, device, fast_paths=True):
     loaders = make_loaders(train_samples, val_samples, config, device, rank, world_size, fast_paths)
 
     # The epoch loop: train, validate the averaged weights as they are saved, save.
-    total_steps = config["NUM_EPOCHS"] * len(loaders.train)
+    steps_per_epoch = optimizer_steps(loaders.train, config)
+    total_steps = config["NUM_EPOCHS"] * steps_per_epoch
     history = resume.read_history(checkpoints / "history.csv", start_epoch)
     split = resume.split_names(train_samples, val_samples)
     if rank == 0:
@@ -165,9 +172,11 @@ def run(config, named, rank, world_size, device, fast_paths=True):
         loaders.sampler.set_epoch(epoch)
         try:
             train_loss = train_one_epoch(loaders.train, state, parallel_model, config, epoch,
-                                         epoch * len(loaders.train), total_steps)
+                                         epoch * steps_per_epoch, total_steps)
         except NonFiniteLoss as error:
             stop_without_saving(checkpoints, error)
+        except torch.OutOfMemoryError:
+            out_of_memory(config, state, checkpoints)
         train_seconds += time.time() - started
         trained_images += len(loaders.sampler)
         if not state.finite():
@@ -175,7 +184,10 @@ def run(config, named, rank, world_size, device, fast_paths=True):
         last = epoch + 1 == config["NUM_EPOCHS"]
         # The last validation also picks the worst images for the gallery (one process scores them all).
         worst = WorstImages() if last and world_size == 1 else None
-        metrics = validate(state, loaders, config, rank, world_size, worst)
+        try:
+            metrics = validate(state, loaders, config, rank, world_size, worst)
+        except torch.OutOfMemoryError:
+            out_of_memory(config, state, checkpoints)
         # A model that predicts no car anywhere is never a best, whatever Dice an empty mask scores.
         improved = predicts_car(metrics) and metrics["dice"] > best_dice
         best_dice = metrics["dice"] if improved else best_dice
@@ -183,6 +195,7 @@ def run(config, named, rank, world_size, device, fast_paths=True):
             checkpoint = {**state.state_dict(), "epoch": epoch + 1, "best_dice": best_dice, "config": config,
                           "model_args": dict(state.model.model_args), "split": split,
                           "image_size": (config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]),
+                          "crop_size": (config["CROP_HEIGHT"], config["CROP_WIDTH"]),
                           "threshold": config["THRESHOLD"]}
             record_epoch(config, epoch, train_loss, metrics, started, history, checkpoint, improved)
             # Matplotlib takes most of a second per drawing: redraw while training at most once a minute.
@@ -202,16 +215,26 @@ class NonFiniteLoss(Exception):
 
 
 def train_one_epoch(loader, state, parallel_model, config, epoch, steps_done, total_steps):
-    """One pass over this process's share of the training images; returns the mean loss.
-    parallel_model is state.model or its DDP wrapper; the average follows it after every step."""
+    """One pass over this process's share of the training images; returns the mean loss. Each
+    optimizer step adds the gradients of ACCUMULATE_STEPS micro-batches, each loss weighted by its
+    share of the step's images, so the step is the one a batch of all of them would make (BatchNorm
+    aside). parallel_model is state.model or its DDP wrapper; the average follows every step."""
     parallel_model.train()
     loss_sum, images = 0.0, 0
     distributed = dist.is_initialized()
+    accumulate, batches = config["ACCUMULATE_STEPS"], len(loader)
+    sampler = getattr(loader, "sampler", None)  # a DataLoader's; the tests' lists of batches have none
+    images_in_epoch = len(sampler) if sampler is not None else None
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config['NUM_EPOCHS']}", unit="batch", leave=False,
                disable=distributed and dist.get_rank() > 0)
-    for step, (x, y) in enumerate(bar):
-        for group in state.optimizer.param_groups:
-            group["lr"] = learning_rate(config, steps_done + step, total_steps) * group.get("rate_factor", 1.0)
+    for batch, (x, y) in enumerate(bar):
+        step, micro = divmod(batch, accumulate)
+        steps_last = min((step + 1) * accumulate, batches) == batch + 1  # the micro-batch that steps
+        if micro == 0:
+            for group in state.optimizer.param_groups:
+                group["lr"] = learning_rate(config, steps_done + step, total_steps) * group.get("rate_factor", 1.0)
+            state.optimizer.zero_grad(set_to_none=True)
+            step_images = step_size(step, accumulate, batches, x.shape[0], images_in_epoch)
         logits = forward(parallel_model, x, state.device, state.amp_dtype)
         loss = segmentation_loss(logits, y.to(state.device, non_blocking=True), config["LOSS"])
         mean = loss.detach().clone()
@@ -220,18 +243,34 @@ def train_one_epoch(loader, state, parallel_model, config, epoch, steps_done, to
             mean /= dist.get_world_size()
         value = mean.item()
         if not math.isfinite(value):
-            raise NonFiniteLoss(f"loss became {value} at epoch {epoch + 1}, step {step + 1}")
-        state.optimizer.zero_grad(set_to_none=True)
-        # With float16 the scaler skips a step whose gradients overflowed and lowers its scale;
-        # only a non-finite loss (above) stops the run.
-        state.scaler.scale(loss).backward()
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
-        state.average.update(state.model)
+            raise NonFiniteLoss(f"loss became {value} at epoch {epoch + 1}, step {batch + 1}")
+        # Under torchrun the gradients are summed over processes once per step, not per micro-batch.
+        syncing = nullcontext() if steps_last or not distributed else parallel_model.no_sync()
+        with syncing:
+            state.scaler.scale(loss * (x.shape[0] / step_images)).backward()
+        if steps_last:
+            # With float16 the scaler skips a step whose gradients overflowed and lowers its scale;
+            # only a non-finite loss (above) stops the run.
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+            state.average.update(state.model)
         loss_sum += value * x.shape[0]
         images += x.shape[0]
         bar.set_postfix(loss=f"{value:.4f}")
     return loss_sum / max(1, images)
+
+
+def step_size(step, accumulate, batches, batch_size, images_in_epoch=None):
+    """Images in optimizer step `step` of an epoch: its micro-batches are full but for the epoch's last."""
+    first, end = step * accumulate, min((step + 1) * accumulate, batches)
+    if images_in_epoch is None:
+        return (end - first) * batch_size
+    return min(end * batch_size, images_in_epoch) - first * batch_size
+
+
+def optimizer_steps(loader, config):
+    """Optimizer steps in an epoch of this loader."""
+    return math.ceil(len(loader) / config["ACCUMULATE_STEPS"])
 
 
 def learning_rate(config, step, total_steps):
@@ -247,7 +286,8 @@ def learning_rate(config, step, total_steps):
 
 def build_model(config, device, world_size, matmul_upsampling=True):
     memory_format = torch.channels_last if config["CHANNELS_LAST"] else torch.contiguous_format
-    model = UNet(features=config["FEATURES"], matmul_upsampling=matmul_upsampling).to(device, memory_format=memory_format)
+    model = UNet(features=config["FEATURES"], matmul_upsampling=matmul_upsampling,
+                 activation_checkpointing=config["ACTIVATION_CHECKPOINTING"]).to(device, memory_format=memory_format)
     if config["SYNC_BATCHNORM"] and world_size > 1:
         if device.type != "cuda":
             raise SystemExit("error: SYNC_BATCHNORM needs CUDA devices; set it to false for CPU runs")
@@ -338,7 +378,8 @@ def make_loaders(train_samples, val_samples, config, device, rank, world_size, r
     caches = {name: split_cache(samples, name, config["CACHE_DIR"], size, builds, cache_workers)
               if config["CACHE_DIR"] else None for name, samples in (("train", train_samples), ("val", val_samples))}
     workers = loader_workers(config, device, caches["train"] is not None)
-    train_set = dataset.CarvanaDataset(train_samples, dataset.train_transform(), size, caches["train"],
+    crop = (config["CROP_HEIGHT"], config["CROP_WIDTH"]) if config["CROP_HEIGHT"] else None
+    train_set = dataset.CarvanaDataset(train_samples, dataset.train_transform(crop), size, caches["train"],
                                        reduced_decoding)
     sampler = dataset.EpochSampler(train_set, config["SEED"], rank, world_size)
     # Each process scores every world_size-th validation image; evaluate adds up the sums.
@@ -435,6 +476,17 @@ def write_history(rows, path):
         writer = csv.DictWriter(stream, HISTORY_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def out_of_memory(config, state, checkpoints):
+    """An out-of-memory error of a step: one line with the settings that fit (memory.py's count) and
+    the last good checkpoint, which is left as it was."""
+    if state.device.type == "cuda":
+        torch.cuda.empty_cache()
+    kept = resume.resume_file(checkpoints)
+    raise SystemExit(f"error: {memory.out_of_memory_advice(config, state.device, state.amp_dtype)}; the last good "
+                     f"checkpoint is {kept if kept.is_file() else 'none yet'} (continue with --LOAD_MODEL=true and "
+                     f"the same run settings)") from None
 
 
 def stop_without_saving(checkpoints, reason):

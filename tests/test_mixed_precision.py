@@ -25,7 +25,7 @@ def ten_steps(dtype):
     y = torch.zeros(4, 1, 32, 48)
     y[..., 8:24, 12:36] = 1
     x = 0.5 * torch.rand(4, 3, 32, 48) + 0.5 * y  # a brighter car on a noisy background
-    config = {"NUM_EPOCHS": 10, "LEARNING_RATE": 1e-2, "WARMUP": 0, "LOSS": "lovasz"}
+    config = {"NUM_EPOCHS": 10, "LEARNING_RATE": 1e-2, "WARMUP": 0, "LOSS": "lovasz", "ACCUMULATE_STEPS": 1}
     state = stepping(model, optimizer, scaler, dtype)
     losses = [train.train_one_epoch([(x, y)], state, model, config, epoch, epoch, 10) for epoch in range(10)]
     return losses, scaler, optimizer.state[model.head.weight]["step"]
@@ -77,7 +77,7 @@ def test_overflowing_gradients_skip_the_step_and_do_not_stop_the_run():
     head = model.head.weight
     calls = []
     head.register_hook(lambda grad: grad * math.inf if not calls.append(1) and len(calls) == 1 else grad)
-    config = {"NUM_EPOCHS": 1, "LEARNING_RATE": 1e-3, "WARMUP": 0, "LOSS": "lovasz"}
+    config = {"NUM_EPOCHS": 1, "LEARNING_RATE": 1e-3, "WARMUP": 0, "LOSS": "lovasz", "ACCUMULATE_STEPS": 1}
     loss = train.train_one_epoch(batches, stepping(model, optimizer, scaler, torch.float16), model, config, 0, 0, 3)
     assert math.isfinite(loss)
     assert optimizer.state[head]["step"] == 2  # the first of three steps was skipped
@@ -91,4 +91,4 @@ def test_a_non_finite_loss_still_stops_the_run():
     batches = [(torch.full((2, 3, 32, 48), math.nan), torch.zeros(2, 1, 32, 48))]
     with pytest.raises(train.NonFiniteLoss, match="loss became nan at epoch 1, step 1"):
         train.train_one_epoch(batches, stepping(model, optimizer, torch.amp.GradScaler("cpu"), torch.float16), model,
-                              {"NUM_EPOCHS": 1, "LEARNING_RATE": 1e-3, "WARMUP": 0, "LOSS": "lovasz"}, 0, 0, 1)
+                              {"NUM_EPOCHS": 1, "LEARNING_RATE": 1e-3, "WARMUP": 0, "LOSS": "lovasz", "ACCUMULATE_STEPS": 1}, 0, 0, 1)
