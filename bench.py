@@ -196,10 +196,12 @@ def memory_rows(features, device, amp_dtype):
     measured by its allocator (two real steps a size), elsewhere counted (memory.step_bytes) and
     checked against real steps at 320x480."""
     fixed = memory.fixed_training_bytes(UNet(features=features))
-    rows, kind = [], "measured by the CUDA allocator" if device.type == "cuda" else "counted"
+    kind = "measured by the CUDA allocator" if device.type == "cuda" else "counted"
+    rows = [("training size", "activation checkpointing", f"memory per image ({kind})",
+             f"largest batch in {' / '.join(map(str, CAPACITIES))} GiB")]
     for size in MEMORY_SIZES:
         for checkpointing in (False, True):
-            name = f"train {size[0]}x{size[1]}, activation checkpointing {'on' if checkpointing else 'off'}"
+            name = (f"{size[0]}x{size[1]}", "on" if checkpointing else "off")
             try:
                 if device.type == "cuda":
                     one, two = (real_step(features, size, batch, device, amp_dtype, checkpointing)[0]
@@ -208,23 +210,22 @@ def memory_rows(features, device, amp_dtype):
                 else:
                     per_step, per_image = memory.step_bytes(features, size, amp_dtype, checkpointing)
             except torch.OutOfMemoryError:
-                rows.append((name, "does not fit here at batch 2", ""))
+                rows.append((*name, "does not fit here at batch 2", ""))
                 torch.cuda.empty_cache()
                 continue
             fits = [memory.largest_batch(capacity * 2**30, per_image, fixed + per_step) for capacity in CAPACITIES]
-            rows.append((f"{name}: memory per image ({kind}), largest batch in {' / '.join(map(str, CAPACITIES))} GiB",
-                         f"{per_image / 2**30:.2f} GiB", " / ".join(map(str, fits))))
-    rows.append(("  per run: weights, gradients, Adam's moments and the weight average", f"{fixed / 2**30:.2f} GiB", ""))
+            rows.append((*name, f"{per_image / 2**30:.2f} GiB", " / ".join(map(str, fits))))
+    rows.append(("per run: weights, gradients, Adam's moments, the weight average", "", f"{fixed / 2**30:.2f} GiB", ""))
     size, batch = (320, 480), 2
     seconds = {}
     for checkpointing in (False, True):
         grown, seconds[checkpointing] = real_step(features, size, batch, device, amp_dtype, checkpointing)
         per_step, per_image = memory.step_bytes(features, size, amp_dtype, checkpointing)
         predicted = fixed + per_step + batch * per_image
-        name = (f"  check: one real step at {size[0]}x{size[1]}, batch {batch}, checkpointing "
-                f"{'on' if checkpointing else 'off'}: peak growth / counted")
-        rows.append((name, f"{grown / 2**30:.2f} GiB", f"{grown / predicted:.2f}x of {predicted / 2**30:.2f} GiB"))
-    rows.append((f"  step time with checkpointing / without ({size[0]}x{size[1]}, batch {batch})",
+        rows.append((f"check: one real step at {size[0]}x{size[1]}, batch {batch}: peak growth / counted",
+                     "on" if checkpointing else "off", f"{grown / 2**30:.2f} / {predicted / 2**30:.2f} GiB",
+                     f"{grown / predicted:.2f}x"))
+    rows.append((f"step time at {size[0]}x{size[1]}, batch {batch}: with checkpointing / without", "",
                  f"{seconds[True]:.2f} s / {seconds[False]:.2f} s", f"{seconds[True] / seconds[False]:.2f}x"))
     return rows
 
@@ -316,15 +317,16 @@ def main(argv=None):
     if args.epoch:
         rows += epoch_rows(args, features, step_rate)
 
-    print_table(device, args, features, rows)
+    print_table(device, args, features, [("measurement", "value", "ratio"), *rows])
 
 
 def print_table(device, args, features, rows):
+    """rows[0] is the header."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}, {torch.get_num_threads()} threads"
     shape = "" if args.memory else f"{args.height}x{args.width}, batch {args.batch}, "
     print(f"\n{name}; torch {torch.__version__}; mixed precision {autocast_dtype(device)}; {shape}UNet{features}")
-    print("| measurement | value | ratio |\n|---|---|---|")
-    for row in rows:
+    print(f"| {' | '.join(rows[0])} |\n|{'---|' * len(rows[0])}")
+    for row in rows[1:]:
         print(f"| {' | '.join(row)} |")
 
 

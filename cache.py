@@ -146,12 +146,24 @@ class _Decoded(Dataset):
             return row, None, None, str(error)
 
 
+# From this many pixels up a photo is decoded every epoch instead: there the model's step (2.7 TFLOP an
+# image for the 31M UNet at 640x960, 10.8 at 1280x1918) takes longer than decoding and resizing a
+# photo (20-60 ms on one core), even on a large GPU, while the cache would need 2.5 MB a photo at
+# 640x960 and 9.8 MB at full size, 50 GB for Kaggle's set (README: Performance).
+UNCACHED_PIXELS = 640 * 960
+
+
 def split_cache(samples, name, folder, size, builds, workers=0):
     """The ResizedCache of a split (name: "train" or "val") in folder, built here if `builds` (one
     process per machine) and held while this run reads it; None when it cannot be written or would
-    not fit, and training then decodes every epoch. Under torchrun the other processes wait for the
-    builder."""
+    not fit, or the images are so large that decoding is not what sets the pace (UNCACHED_PIXELS),
+    and training then decodes every epoch. Under torchrun the other processes wait for the builder."""
     cache = ResizedCache(folder, name, samples, size)
+    if size[0] * size[1] >= UNCACHED_PIXELS:
+        if builds and name == "train":
+            print(f"not caching {size[0]}x{size[1]} images ({cache.bytes_needed() * 2**-30:.1f} GiB for the training "
+                  f"ones): at this size the model, not the decoder, sets the pace", file=sys.stderr)
+        return None
     if builds and not cache.ready():
         needed = cache.bytes_needed()
         try:

@@ -1,13 +1,16 @@
-"""How much memory a training step takes: counted from the tensors the step keeps for its backward
-pass, which does not depend on the device, so that a batch size can be chosen before memory runs out
+"""How much memory a training step takes: counted from the tensors its operators create and free,
+which does not depend on the device, so that a batch size can be chosen before memory runs out
 and an out-of-memory error can say which settings fit."""
 import math
 import os
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-from model import DoubleConv, UNet
-from utils import autocast
+from model import UNet
+from utils import forward, segmentation_loss
 
 HEADROOM = 0.9  # share of a device's memory a run may plan to fill (the allocator and the rest need some)
 
@@ -21,71 +24,59 @@ def fixed_training_bytes(model):
     return 5 * parameter_bytes(model)
 
 
-class SavedTensors:
-    """Counts the bytes of the distinct tensors that autograd keeps for the backward pass while it is
-    active; `blocks` records what each UNet level keeps inside it (what checkpointing recomputes)."""
+class LiveTensors(TorchDispatchMode):
+    """Follows every tensor storage that an operator creates while it is active, on any device, and
+    when each is freed: the most bytes alive at once is what the step needs, the backward pass's
+    gradients and recomputed levels included (which a count of saved tensors misses)."""
 
-    def __init__(self, model):
-        self.storages, self.blocks, self.model = {}, [], model
+    def __init__(self):
+        super().__init__()
+        self.alive, self.changes, self.sizes = {}, [], {}  # storage id -> serial; (serial, +-bytes)
 
-    def pack(self, tensor):
-        try:
-            key = tensor.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):
-            key = id(tensor)
-        self.storages[key] = max(self.storages.get(key, 0), tensor.untyped_storage().nbytes())
-        return tensor
+    def __torch_dispatch__(self, function, types, args=(), kwargs=None):
+        result = function(*args, **(kwargs or {}))
+        for tensor in tree_flatten(result)[0]:
+            if isinstance(tensor, torch.Tensor) and id(tensor.untyped_storage()) not in self.alive:
+                storage = tensor.untyped_storage()
+                serial = len(self.changes)
+                self.alive[id(storage)], self.sizes[serial] = serial, storage.nbytes()
+                self.changes.append((serial, storage.nbytes()))
+                weakref.finalize(storage, self.freed, id(storage), serial)
+        return result
 
-    @property
-    def total(self):
-        return sum(self.storages.values())
+    def freed(self, identity, serial):
+        self.alive.pop(identity, None)
+        self.changes.append((serial, -self.sizes[serial]))
 
-    def __enter__(self):
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
-        self.hooks.__enter__()
-        self.handles = []
-        for block in self.model.modules():
-            if isinstance(block, (DoubleConv, torch.nn.MaxPool2d, torch.nn.ConvTranspose2d)):
-                self.handles.append(block.register_forward_pre_hook(lambda module, args: self.start_block(args[0])))
-                self.handles.append(block.register_forward_hook(lambda module, args, out: self.end_block()))
-        return self
-
-    def start_block(self, x):
-        self.blocks.append(-self.total)
-
-    def end_block(self):
-        self.blocks[-1] += self.total
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-        self.hooks.__exit__(*exc)
+    def peak(self, leaving_out=()):
+        """The most bytes alive at once, not counting the storages of `leaving_out` (tensors alive now)."""
+        left_out = {self.alive.get(id(tensor.untyped_storage())) for tensor in leaving_out}
+        alive = most = 0
+        for serial, change in self.changes:
+            if serial not in left_out:
+                alive += change
+                most = max(most, alive)
+        return most
 
 
 def counted_step(features, size, amp_dtype=None, checkpointing=False):
-    """Bytes a training step on one image of size (height, width) keeps for its backward pass (with
-    activation checkpointing, plus the largest level that the backward pass runs again), counted on
-    the CPU."""
+    """Bytes alive at the peak of a training step's forward and backward pass on one image of size
+    (height, width), beyond the weights and their gradients, counted on the CPU."""
     model = UNet(features=features, activation_checkpointing=checkpointing).to(memory_format=torch.channels_last)
-    x = torch.rand(1, 3, *size).contiguous(memory_format=torch.channels_last)
-    with SavedTensors(model) as counted, autocast(torch.device("cpu"), amp_dtype):
-        model(x)
-    kept = counted.total
-    if checkpointing:  # the backward pass runs each level again, one at a time
-        model.activation_checkpointing = False
-        with SavedTensors(model) as full, autocast(torch.device("cpu"), amp_dtype):
-            model(x)
-        kept += max(full.blocks)
-    return kept
+    x, target = torch.rand(1, 3, *size), (torch.rand(1, 1, *size) > 0.5).float()
+    with LiveTensors() as live:
+        segmentation_loss(forward(model, x, torch.device("cpu"), amp_dtype), target).backward()
+    return live.peak(leaving_out=[parameter.grad for parameter in model.parameters()])
 
 
 def step_bytes(features, size, amp_dtype=None, checkpointing=False):
     """(bytes per step, bytes per image) of a training step at size (height, width), beyond
     fixed_training_bytes. Per step: the low-precision copies of the weights that mixed precision
     keeps; per image: the activations, which grow with the pixels. Both from counted_step at two
-    small sizes (the per-pixel share is the same at any size), so any size is cheap to ask about."""
-    unit = 2 ** (len(features) + 1)
-    small, large = (unit, 2 * unit), (2 * unit, 4 * unit)
+    sizes (16 and 32 times the smallest input), large enough that the step's peak falls where it
+    does at any larger size, so that any size is quick to ask about."""
+    unit = 2 ** len(features)
+    small, large = (16 * unit, 24 * unit), (32 * unit, 48 * unit)
     low, high = (counted_step(features, probe, amp_dtype, checkpointing) for probe in (small, large))
     per_pixel = (high - low) / (large[0] * large[1] - small[0] * small[1])
     per_step = max(0.0, low - per_pixel * small[0] * small[1])

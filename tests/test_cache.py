@@ -4,6 +4,7 @@ import shutil
 
 import torch
 
+import cache
 import data_folder
 import train
 from cache import ResizedCache
@@ -152,3 +153,12 @@ def test_training_fills_the_cache_once(synthetic_root, tmp_path, capsys):
 def test_empty_cache_dir_decodes_every_epoch(synthetic_root, tmp_path):
     train.main([*tiny_args(tmp_path, synthetic_root, 1), "--CACHE_DIR="])
     assert not (tmp_path / "cache").exists()
+
+
+def test_images_as_large_as_uncached_pixels_are_decoded_every_epoch_with_a_word(synthetic_root, tmp_path, capsys,
+                                                                                 monkeypatch):
+    monkeypatch.setattr(cache, "UNCACHED_PIXELS", 32 * 48)  # the tiny runs' size stands in for 640x960
+    result = train.main(tiny_args(tmp_path, synthetic_root, 1))
+    assert result["last"]["images"] > 0
+    assert not list((tmp_path / "cache").glob("*.npy"))
+    assert "not caching 32x48 images" in capsys.readouterr().err

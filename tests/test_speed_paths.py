@@ -38,3 +38,20 @@ def test_bench_epoch_rows_compare_the_whole_loop_with_the_step(capsys, synthetic
     assert "COMPILE=true" not in table  # --no-compile skips the compiled epoch too
     share = next(line for line in table.splitlines() if "share of the step rate" in line)
     assert float(share.split("|")[-2].strip().rstrip("%")) > 0
+
+
+def test_bench_memory_prints_a_row_per_size_and_checkpointing_with_the_batches_that_fit(capsys):
+    bench.main(["--memory", "--features", "4,8"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split(" | ") for line in lines if line.startswith("| ") and "x" in line.split(" | ")[0]]
+    sizes = [(row[0].strip("| "), row[1]) for row in rows if row[0].strip("| ")[0].isdigit()]
+    assert sizes == [(f"{h}x{w}", mode) for h, w in bench.MEMORY_SIZES for mode in ("off", "on")]
+    for row in rows:
+        if row[0].strip("| ")[0].isdigit():
+            batches = [int(b) for b in row[3].strip(" |").split(" / ")]
+            assert len(batches) == 3 and batches == sorted(batches) and batches[0] >= 1
+    # checkpointing lets more images fit at every size, and the count agrees with a real step
+    fits = {(row[0].strip("| "), row[1]): int(row[3].split(" / ")[0]) for row in rows if row[0].strip("| ")[0].isdigit()}
+    assert all(fits[(size, "on")] > fits[(size, "off")] for size, _ in fits)
+    checks = [line for line in lines if line.startswith("| check: one real step")]
+    assert len(checks) == 2
