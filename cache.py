@@ -161,7 +161,7 @@ def split_cache(samples, name, folder, size, builds, workers=0):
     cache = ResizedCache(folder, name, samples, size)
     if size[0] * size[1] >= UNCACHED_PIXELS:
         if builds and name == "train":
-            print(f"not caching {size[0]}x{size[1]} images ({cache.bytes_needed() * 2**-30:.1f} GiB for the training "
+            print(f"not caching {size[0]}x{size[1]} images ({cache.bytes_needed() * 2**-30:.2f} GiB for the training "
                   f"ones): at this size the model, not the decoder, sets the pace", file=sys.stderr)
         return None
     if builds and not cache.ready():

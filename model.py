@@ -63,26 +63,34 @@ class UNet(nn.Module):
             raise ValueError(f"input {tuple(x.shape[-2:])} is smaller than {smallest}x{smallest}, "
                              f"the least this {len(self.downs)}-level UNet can pool")
         skips = []
-        for down in self.downs:
-            skip, x = self.level(self.down_level, down, x)
-            skips.append(skip)
-        x = self.level(self.bottleneck, x)
-        for up, up_conv, skip in zip(self.ups, self.up_convs, reversed(skips)):
-            x = self.level(self.up_level, up, up_conv, x, skip)
+        for index, down in enumerate(self.downs):
+            x = self.level(self.down_level, down, x, index > 0)
+            skips.append(x)
+        x = self.level(self.down_level, self.bottleneck, x, True)
+        for up, block, skip in zip(self.ups, self.up_convs, reversed(skips)):
+            if self.activation_checkpointing and up is self.ups[-1]:
+                # The top level has the most pixels and sets the peak of the backward pass: run it again
+                # in two halves, so that only one half's tensors are alive at once.
+                x = self.level(self.up_level, up, block, x, skip, slice(0, 3))
+                x = self.level(run_layers, block, x, slice(3, None))
+            else:
+                x = self.level(self.up_level, up, block, x, skip)
         return self.head(x)
 
-    def down_level(self, block, x):
-        """(the level's features, kept for its skip connection; the same pooled for the level below)."""
-        skip = block(x)
-        return skip, self.pool(skip)
+    def down_level(self, block, x, pooled):
+        """The level's features, kept for its skip connection: from the input, or from the level
+        above's features pooled (inside the level, so checkpointing need not keep the pooled map)."""
+        return block(self.pool(x) if pooled else x)
 
-    def up_level(self, up, block, x, skip):
+    def up_level(self, up, block, x, skip, layers=None):
+        """Upsample x, join it to the skip connection and run block on both (or only its `layers`)."""
         x = transposed_conv_as_matmul(up, x) if self.matmul_upsampling else up(x)
         # Pooling floors odd sizes, so the upsampled map can be one row or column short.
         dy, dx = skip.shape[-2] - x.shape[-2], skip.shape[-1] - x.shape[-1]
         if dy or dx:
             x = F.pad(x, (0, dx, 0, dy))
-        return block(torch.cat((skip, x), dim=1))
+        joined = torch.cat((skip, x), dim=1)
+        return block(joined) if layers is None else run_layers(block, joined, layers)
 
     def level(self, function, *args):
         """function(*args); with activation checkpointing the backward pass keeps only the level's
@@ -94,6 +102,13 @@ class UNet(nn.Module):
         modules = [part for part in (function, *args) if isinstance(part, nn.Module)]
         return checkpoint(function, *args, use_reentrant=False,
                           context_fn=lambda: (nullcontext(), running_stats_kept(modules)))
+
+
+def run_layers(block, x, layers):
+    """The layers (a slice) of the Sequential block applied to x."""
+    for layer in list(block)[layers]:
+        x = layer(x)
+    return x
 
 
 @contextmanager
