@@ -7,6 +7,7 @@ python bench.py --memory       # only: training memory per image at sizes up to 
 Ratios are only meaningful between rows of the same run on the same machine.
 """
 import argparse
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -190,6 +191,13 @@ def real_step(features, size, batch, device, amp_dtype, checkpointing):
     return peak.grown, time.perf_counter() - started
 
 
+def real_step_alone(*arguments):
+    """real_step in a fresh process: memory that earlier steps freed but this process kept would hide
+    the growth of the resident set."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(real_step, arguments)
+
+
 def memory_rows(features, device, amp_dtype):
     """Training memory per image at MEMORY_SIZES with and without activation checkpointing, in the
     device's mixed-precision type, and the largest batch that fits each of CAPACITIES; on a GPU
@@ -219,7 +227,7 @@ def memory_rows(features, device, amp_dtype):
     size, batch = (320, 480), 2
     seconds = {}
     for checkpointing in (False, True):
-        grown, seconds[checkpointing] = real_step(features, size, batch, device, amp_dtype, checkpointing)
+        grown, seconds[checkpointing] = real_step_alone(features, size, batch, device, amp_dtype, checkpointing)
         per_step, per_image = memory.step_bytes(features, size, amp_dtype, checkpointing)
         predicted = fixed + per_step + batch * per_image
         rows.append((f"check: one real step at {size[0]}x{size[1]}, batch {batch}: peak growth / counted",
