@@ -1,4 +1,5 @@
 """Carvana_UNet.ipynb: committed without outputs; "Run all" trains the demo headlessly; the Kaggle step unzips."""
+import ast
 import json
 import os
 import shutil
@@ -24,6 +25,23 @@ def test_committed_notebook_has_no_outputs():
     assert len(code) >= 6
     assert [cell.outputs for cell in code] == [[]] * len(code)
     assert [cell.execution_count for cell in code] == [None] * len(code)
+
+
+def test_the_notebook_fetches_every_module_that_train_and_predict_import():
+    """A Colab session that holds only the notebook's `needed` files must be able to import both scripts."""
+    cell = next(cell.source for cell in nbformat.read(NOTEBOOK, as_version=4).cells if "needed = [" in cell.source)
+    listed = set(ast.literal_eval(cell[cell.index("["):cell.index("]") + 1]))
+    local = {path.stem for path in ROOT.glob("*.py")}
+    imported, waiting = set(), ["train", "predict"]
+    while waiting:
+        tree = ast.parse((ROOT / f"{waiting.pop()}.py").read_text())
+        for node in ast.walk(tree):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            for name in set(names) & local - imported:
+                imported.add(name)
+                waiting.append(name)
+    assert {f"{name}.py" for name in imported | {"train", "predict"}} <= listed
 
 
 def run_notebook(folder, until=None):
