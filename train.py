@@ -378,7 +378,8 @@ def make_loaders(train_samples, val_samples, config, device, rank, world_size, r
     caches = {name: split_cache(samples, name, config["CACHE_DIR"], size, builds, cache_workers)
               if config["CACHE_DIR"] else None for name, samples in (("train", train_samples), ("val", val_samples))}
     workers = loader_workers(config, device, caches["train"] is not None)
-    train_set = dataset.CarvanaDataset(train_samples, dataset.train_transform(crop_size(config)), size, caches["train"],
+    crop = (config["CROP_HEIGHT"], config["CROP_WIDTH"]) if config["CROP_HEIGHT"] else None
+    train_set = dataset.CarvanaDataset(train_samples, dataset.train_transform(crop), size, caches["train"],
                                        reduced_decoding)
     sampler = dataset.EpochSampler(train_set, config["SEED"], rank, world_size)
     # Each process scores every world_size-th validation image; evaluate adds up the sums.
@@ -388,11 +389,6 @@ def make_loaders(train_samples, val_samples, config, device, rank, world_size, r
     return Loaders(make_loader(train_set, config, device, workers, sampler), sampler,
                    make_loader(val_share, config, device, workers), make_loader(batchnorm_images, config, device, workers),
                    dataset.CarvanaDataset(val_samples, dataset.val_transform(), size, caches["val"], reduced_decoding))
-
-
-def crop_size(config):
-    """(CROP_HEIGHT, CROP_WIDTH), or None when training sees whole images."""
-    return (config["CROP_HEIGHT"], config["CROP_WIDTH"]) if config["CROP_HEIGHT"] else None
 
 
 def make_loader(images, config, device, workers, sampler=None):
@@ -415,8 +411,7 @@ def loader_workers(config, device, cached):
 def batchnorm_set(samples, config, cache, reduced_decoding=True):
     """The training images that the validated model's BatchNorm statistics are recomputed on before
     each validation: up to BATCHNORM_IMAGES of them, drawn once with SEED (so a resume draws the same),
-    without augmentation, as validation and predict.py see images (cut into tiles of the crop size
-    when training sees crops: recompute_batchnorm)."""
+    without augmentation, as validation and predict.py see images."""
     count = min(len(samples), config["BATCHNORM_IMAGES"]) or 1
     chosen = sorted(random.Random(config["SEED"]).sample(range(len(samples)), count))
     return dataset.CarvanaDataset([samples[i] for i in chosen], dataset.val_transform(),
@@ -427,7 +422,7 @@ def validate(state, loaders, config, rank, world_size, worst=None):
     """The averaged model's scores on the validation images, with BatchNorm statistics of its own
     weights (README: Validation true to the weights): what its checkpoint scores in predict.py."""
     if rank == 0 and config["BATCHNORM_IMAGES"]:
-        recompute_batchnorm(state.average.model, loaders.batchnorm, state.device, state.amp_dtype, crop_size(config))
+        recompute_batchnorm(state.average.model, loaders.batchnorm, state.device, state.amp_dtype)
     if world_size > 1:  # every process scores the model rank 0 saves, BatchNorm statistics included
         for buffer in state.average.model.buffers():
             dist.broadcast(buffer, 0)

@@ -129,24 +129,12 @@ class ExponentialMovingAverage:
                 value.copy_(current[name])
 
 
-def tiles(x, size):
-    """A batch (N, C, H, W) cut into tiles of size (height, width) that cover it, the last row and
-    column of tiles aligned to the far edges."""
-    height, width = size
-    rows = sorted({*range(0, x.shape[-2] - height + 1, height), x.shape[-2] - height})
-    columns = sorted({*range(0, x.shape[-1] - width + 1, width), x.shape[-1] - width})
-    return torch.cat([x[..., row:row + height, column:column + width] for row in rows for column in columns])
-
-
 @torch.no_grad()
-def recompute_batchnorm(model, loader, device, amp_dtype=None, crop=None):
+def recompute_batchnorm(model, loader, device, amp_dtype=None):
     """Replace the BatchNorm running statistics of `model` by their plain average over `loader`'s
     batches, as torch.optim.swa_utils.update_bn does. Why: running averages lag weights that move
     fast (the first tens of steps) and do not belong to averaged weights at all; in eval mode such
-    a model can predict no car although its weights have learned. crop: (height, width) of the
-    training crops, whose statistics the weights were trained with (near a crop's borders the
-    padding changes every level's activations): the images are then cut into tiles of that size.
-    Returns the images used."""
+    a model can predict no car although its weights have learned. Returns the images used."""
     norms = [module for module in model.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return 0
@@ -158,7 +146,7 @@ def recompute_batchnorm(model, loader, device, amp_dtype=None, crop=None):
     model.train()
     images = 0
     for x, _ in loader:
-        forward(model, tiles(x, crop) if crop else x, device, amp_dtype)
+        forward(model, x, device, amp_dtype)
         images += x.shape[0]
     for module, momentum in momenta.items():
         module.momentum = momentum

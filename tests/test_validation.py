@@ -1,5 +1,4 @@
 """Validation true to the weights: the printed Dice is what the saved checkpoint scores."""
-import copy
 import csv
 
 import pytest
@@ -11,29 +10,7 @@ import data_folder
 import train
 from conftest import LEARNS, split_of, tiny_args
 from dataset import CarvanaDataset, val_transform
-from utils import autocast_dtype, evaluate, load_checkpoint, model_from_checkpoint, recompute_batchnorm, tiles
-
-
-def test_tiles_cover_the_batch_with_the_last_ones_at_the_far_edges():
-    x = torch.arange(2 * 5 * 7, dtype=torch.float32).reshape(2, 1, 5, 7)
-    cut = tiles(x, (2, 3))
-    assert cut.shape == (2 * 9, 1, 2, 3)  # rows 0, 2, 3 and columns 0, 3, 4 of each image
-    assert set(cut.flatten().tolist()) == set(x.flatten().tolist())
-
-
-def test_a_crop_trained_model_gets_the_statistics_of_crops():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)).eval()
-    images = torch.rand(4, 3, 16, 24)
-    loader = DataLoader(TensorDataset(images, torch.zeros(4)), batch_size=2)
-    cropped, whole = copy.deepcopy(model), copy.deepcopy(model)
-    recompute_batchnorm(cropped, loader, torch.device("cpu"), crop=(8, 12))
-    recompute_batchnorm(whole, loader, torch.device("cpu"))
-    with torch.no_grad():  # the padding at each tile's border changes the convolution's outputs there
-        outputs = [model[0](tiles(batch, (8, 12))) for batch in images.split(2)]
-    means = torch.stack([out.mean((0, 2, 3)) for out in outputs]).mean(0)
-    assert torch.allclose(cropped[1].running_mean, means, atol=1e-6)
-    assert not torch.allclose(cropped[1].running_mean, whole[1].running_mean, atol=1e-6)
+from utils import autocast_dtype, evaluate, load_checkpoint, model_from_checkpoint, recompute_batchnorm
 
 
 def test_recompute_batchnorm_averages_the_batch_statistics_and_restores_the_layer():
