@@ -26,6 +26,17 @@ from model import UNet
 from utils import autocast, autocast_dtype, forward, get_device, segmentation_loss
 
 
+def widths(text):
+    """--features as a tuple of positive channel counts, or argparse's one-line error."""
+    try:
+        features = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        features = ()
+    if not features or min(features) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of positive widths such as 64,128,256,512")
+    return features
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--height", type=int, default=160, help="training height in pixels")
@@ -33,7 +44,7 @@ def parse_args(argv):
     parser.add_argument("--batch", type=int, default=16, help="images per training step")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per training path (after a warm-up step)")
     parser.add_argument("--images", type=int, default=24, help="full-size images for the data measurements")
-    parser.add_argument("--features", default="64,128,256,512", help="UNet widths (train.py's FEATURES)")
+    parser.add_argument("--features", default=(64, 128, 256, 512), type=widths, help="UNet widths (train.py's FEATURES)")
     parser.add_argument("--data", help="a Carvana-layout folder to read instead of generated 1918x1280 images")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (saves a minute or more on CPU)")
@@ -276,7 +287,7 @@ def epoch_rows(args, features, step_rate):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     device = get_device(args.device)
-    features = tuple(int(f) for f in args.features.split(","))
+    features = args.features
     size = (args.height, args.width)
     fast_dtype = autocast_dtype(device)
     rows = []

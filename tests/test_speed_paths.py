@@ -1,4 +1,5 @@
 """The fast paths run and keep their promises (bench.py, not tests, measures speed)."""
+import pytest
 import torch
 
 import bench
@@ -55,3 +56,11 @@ def test_bench_memory_prints_a_row_per_size_and_checkpointing_with_the_batches_t
     assert all(fits[(size, "on")] > fits[(size, "off")] for size, _ in fits)
     checks = [line for line in lines if line.startswith("| check: one real step")]
     assert len(checks) == 2
+
+
+@pytest.mark.parametrize("widths", ["4,x", ",", "0", "4,-8"])
+def test_bench_refuses_widths_that_are_not_positive_counts_in_one_line(widths, capsys):
+    with pytest.raises(SystemExit) as exit:
+        bench.main(["--memory", "--features", widths])
+    assert exit.value.code == 2
+    assert "error: argument --features: " in capsys.readouterr().err.strip().splitlines()[-1]
