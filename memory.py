@@ -98,11 +98,16 @@ def largest_batch(capacity, per_image, fixed):
     return max(0, math.floor((HEADROOM * capacity - fixed) / per_image))
 
 
+def training_size(config):
+    """(height, width) of what a training step sees: the crops, or the whole images."""
+    return (config["CROP_HEIGHT"] or config["IMAGE_HEIGHT"], config["CROP_WIDTH"] or config["IMAGE_WIDTH"])
+
+
 def fitting_settings(config, capacity, amp_dtype):
     """Settings that fit a training step into `capacity` bytes, as --NAME=value text, keeping the
     effective batch (BATCH_SIZE x ACCUMULATE_STEPS); None when nothing at this size fits."""
     features = tuple(config["FEATURES"])
-    size = (config["CROP_HEIGHT"] or config["IMAGE_HEIGHT"], config["CROP_WIDTH"] or config["IMAGE_WIDTH"])
+    size = training_size(config)
     effective = config["BATCH_SIZE"] * config["ACCUMULATE_STEPS"]
     fixed = fixed_training_bytes(UNet(features=features))
     choices = []
@@ -118,7 +123,7 @@ def fitting_settings(config, capacity, amp_dtype):
 def out_of_memory_advice(config, device, amp_dtype):
     """One line for an out-of-memory error in training: what fits on this device, from the count above."""
     capacity = device_memory(device)
-    size = (config["CROP_HEIGHT"] or config["IMAGE_HEIGHT"], config["CROP_WIDTH"] or config["IMAGE_WIDTH"])
+    size = training_size(config)
     where = f"{device}" + (f" ({capacity / 2**30:.1f} GiB)" if capacity else "")
     fits = fitting_settings(config, capacity, amp_dtype) if capacity else None
     advice = (f"try {fits}" if fits else

@@ -349,6 +349,7 @@ def main(argv=None):
                         batch_size=args.batch_size, num_workers=workers, collate_fn=as_list)
     encoder = RowEncoder(device, threshold, ENCODER_THREADS, 2 * args.batch_size) if rows_only else None
     outputs = Outputs(args, names, threshold, submission, scores, encoder)
+    resume = f"; the same command with --resume finishes {args.submission}" if submission else ""
     skipped = []
     try:
         with tqdm(total=len(paths), desc="predicting", unit="img") as progress:
@@ -364,13 +365,11 @@ def main(argv=None):
             if encoder:
                 encoder.write(submission, everything=True)
     except KeyboardInterrupt:
-        resume = f"; the same command with --resume finishes {args.submission}" if submission else ""
         print(f"\ninterrupted after {outputs.finished} images{resume}", file=sys.stderr)
         return 130
     except torch.OutOfMemoryError:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        resume = f"; the same command with --resume finishes {args.submission}" if submission else ""
         advice = memory.out_of_memory_in_prediction(predictor.model, device, state["image_size"], args.batch_size,
                                                     predictor.amp_dtype)
         print(f"error: {advice}{resume}", file=sys.stderr)
