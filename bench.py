@@ -23,7 +23,7 @@ import synthetic
 import train
 from cache import ResizedCache
 from model import UNet
-from utils import autocast, autocast_dtype, forward, get_device, segmentation_loss
+from utils import autocast, autocast_dtype, forward, get_device, is_out_of_memory, segmentation_loss
 
 
 def widths(text):
@@ -37,6 +37,15 @@ def widths(text):
     return features
 
 
+def device_name(text):
+    """--device as a device that exists here, or argparse's one-line error."""
+    try:
+        get_device(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--height", type=int, default=160, help="training height in pixels")
@@ -46,17 +55,23 @@ def parse_args(argv):
     parser.add_argument("--images", type=int, default=24, help="full-size images for the data measurements")
     parser.add_argument("--features", default=(64, 128, 256, 512), type=widths, help="UNet widths (train.py's FEATURES)")
     parser.add_argument("--data", help="a Carvana-layout folder to read instead of generated 1918x1280 images")
-    parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    parser.add_argument("--device", default="auto", type=device_name, help="auto, cuda, cuda:N, mps or cpu")
+    parser.add_argument("--amp-dtype", default="auto", choices=("auto", "float16", "bfloat16"),
+                        help="mixed-precision type (auto: train.py's choice for the device); float16 on a CPU "
+                             "counts a T4's memory")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (saves a minute or more on CPU)")
     parser.add_argument("--epoch", metavar="DIR", help="time one train.py epoch on DIR before and after")
     parser.add_argument("--memory", action="store_true", help="print only the table of training memory per image "
-                                                               "and the largest batch that fits 16, 40 and 80 GiB")
+                                                               "and the largest batch that fits a T4, an A100 40 GB and an 80 GB GPU")
     return parser.parse_args(argv)
 
 
 def synchronize(device):
+    """Wait for the device's queued work, so that a time measures the work and not its queueing."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 class PeakMemory:
@@ -67,8 +82,8 @@ class PeakMemory:
 
     def __enter__(self):
         if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
         else:
             try:  # Linux: "5" resets the peak resident set size (VmHWM)
                 Path("/proc/self/clear_refs").write_text("5")
@@ -78,7 +93,7 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
-        self.peak = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else resident("VmHWM")
+        self.peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else resident("VmHWM")
 
     @property
     def grown(self):
@@ -179,7 +194,7 @@ def inference_rate(args, device, features, amp_dtype):
 
 
 MEMORY_SIZES = ((160, 240), (320, 480), (640, 960), (1280, 1918))
-CAPACITIES = (16, 40, 80)  # GiB: a T4, an A100 40 GB, an A100 or H100 80 GB
+CAPACITIES = (14.7, 39.5, 79.1)  # GiB as torch reports them: a T4 (16 GB), an A100 40 GB, an A100 or H100 80 GB
 
 
 def real_step(features, size, batch, device, amp_dtype, checkpointing):
@@ -228,7 +243,9 @@ def memory_rows(features, device, amp_dtype):
                     per_image, per_step = two - one, max(0, one - (two - one) - fixed)
                 else:
                     per_step, per_image = memory.step_bytes(features, size, amp_dtype, checkpointing)
-            except torch.OutOfMemoryError:
+            except RuntimeError as error:
+                if not is_out_of_memory(error):
+                    raise
                 rows.append((*name, "does not fit here at batch 2", ""))
                 torch.cuda.empty_cache()
                 continue
@@ -236,12 +253,15 @@ def memory_rows(features, device, amp_dtype):
             rows.append((*name, f"{per_image / 2**30:.2f} GiB", " / ".join(map(str, fits))))
     rows.append(("per run: weights, gradients, Adam's moments, the weight average", "", f"{fixed / 2**30:.2f} GiB", ""))
     size, batch = (320, 480), 2
+    # Real steps in the type this device runs fast: float16 convolutions on a CPU take many minutes.
+    checked = autocast_dtype(device) if device.type == "cpu" else amp_dtype
     seconds = {}
     for checkpointing in (False, True):
-        grown, seconds[checkpointing] = real_step_alone(features, size, batch, device, amp_dtype, checkpointing)
-        per_step, per_image = memory.step_bytes(features, size, amp_dtype, checkpointing)
+        grown, seconds[checkpointing] = real_step_alone(features, size, batch, device, checked, checkpointing)
+        per_step, per_image = memory.step_bytes(features, size, checked, checkpointing)
         predicted = fixed + per_step + batch * per_image
-        rows.append((f"check: one real step at {size[0]}x{size[1]}, batch {batch}: peak growth / counted",
+        check = f"check: one real step at {size[0]}x{size[1]}, batch {batch}, {checked or torch.float32}"
+        rows.append((f"{check}: peak growth / counted",
                      "on" if checkpointing else "off", f"{grown / 2**30:.2f} / {predicted / 2**30:.2f} GiB",
                      f"{grown / predicted:.2f}x"))
     rows.append((f"step time at {size[0]}x{size[1]}, batch {batch}: with checkpointing / without", "",
@@ -289,7 +309,7 @@ def main(argv=None):
     device = get_device(args.device)
     features = args.features
     size = (args.height, args.width)
-    fast_dtype = autocast_dtype(device)
+    fast_dtype = autocast_dtype(device, args.amp_dtype)
     rows = []
     if args.memory:
         print_table(device, args, features, memory_rows(features, device, fast_dtype))
@@ -343,7 +363,8 @@ def print_table(device, args, features, rows):
     """rows[0] is the header."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}, {torch.get_num_threads()} threads"
     shape = "" if args.memory else f"{args.height}x{args.width}, batch {args.batch}, "
-    print(f"\n{name}; torch {torch.__version__}; mixed precision {autocast_dtype(device)}; {shape}UNet{features}")
+    amp = autocast_dtype(device, args.amp_dtype)
+    print(f"\n{name}; torch {torch.__version__}; mixed precision {amp}; {shape}UNet{features}")
     print(f"| {' | '.join(rows[0])} |\n|{'---|' * len(rows[0])}")
     for row in rows[1:]:
         print(f"| {' | '.join(row)} |")

@@ -6,6 +6,7 @@ import os
 import weakref
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -59,34 +60,42 @@ class LiveTensors(TorchDispatchMode):
         return most
 
 
-def counted_step(features, size, amp_dtype=None, checkpointing=False):
-    """Bytes alive at the peak of a training step's forward and backward pass on one image of size
-    (height, width), beyond the weights and their gradients, counted on the CPU."""
-    model = UNet(features=features, activation_checkpointing=checkpointing).to(memory_format=torch.channels_last)
-    x, target = torch.rand(1, 3, *size), (torch.rand(1, 1, *size) > 0.5).float()
-    with LiveTensors() as live:
-        segmentation_loss(forward(model, x, torch.device("cpu"), amp_dtype), target).backward()
-    return live.peak(leaving_out=[parameter.grad for parameter in model.parameters()])
+def fake_model(features, checkpointing=False):
+    """The UNet as train.py builds it (channels-last), made of fake tensors: call inside FakeTensorMode."""
+    model = UNet(features=features, activation_checkpointing=checkpointing)
+    for parameter in model.parameters():
+        if parameter.dim() == 4:
+            parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
+    return model
+
+
+def counted_step(features, size, amp_dtype=None, checkpointing=False, batch=1):
+    """Bytes alive at the peak of a training step's forward and backward pass on `batch` images of
+    size (height, width), beyond the weights and their gradients. Counted on fake tensors, which have
+    shapes, types and storages but no numbers: about a second at any size and in any type, with no
+    device at all (float16 convolutions on a CPU would take minutes)."""
+    with FakeTensorMode():
+        model = fake_model(features, checkpointing)
+        x, target = torch.rand(batch, 3, *size), (torch.rand(batch, 1, *size) > 0.5).float()
+        with LiveTensors() as live:
+            segmentation_loss(forward(model, x, torch.device("cpu"), amp_dtype), target).backward()
+        return live.peak(leaving_out=[parameter.grad for parameter in model.parameters()])
 
 
 def step_bytes(features, size, amp_dtype=None, checkpointing=False):
     """(bytes per step, bytes per image) of a training step at size (height, width), beyond
     fixed_training_bytes. Per step: the low-precision copies of the weights that mixed precision
-    keeps; per image: the activations, which grow with the pixels. Both from counted_step at two
-    sizes (16 and 32 times the smallest input), large enough that the step's peak falls where it
-    does at any larger size, so that any size is quick to ask about."""
-    unit = 2 ** len(features)
-    small, large = (16 * unit, 24 * unit), (32 * unit, 48 * unit)
-    low, high = (counted_step(features, probe, amp_dtype, checkpointing) for probe in (small, large))
-    per_pixel = (high - low) / (large[0] * large[1] - small[0] * small[1])
-    per_step = max(0.0, low - per_pixel * small[0] * small[1])
-    return per_step, per_pixel * size[0] * size[1]
+    keeps; per image: the activations. From counted_step at batches of one and two images."""
+    one, two = (counted_step(features, size, amp_dtype, checkpointing, batch) for batch in (1, 2))
+    return max(0, one - (two - one)), two - one
 
 
 def device_memory(device):
-    """Bytes of memory the device has: a GPU's own, or this machine's for the CPU."""
+    """Bytes of memory this process may fill on the device: on a GPU what is free plus what its
+    allocator holds already (other processes' share left out), or this machine's for the CPU."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device)
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -109,11 +118,14 @@ def fitting_settings(config, capacity, amp_dtype):
     features = tuple(config["FEATURES"])
     size = training_size(config)
     effective = config["BATCH_SIZE"] * config["ACCUMULATE_STEPS"]
-    fixed = fixed_training_bytes(UNet(features=features))
+    with FakeTensorMode():
+        fixed = fixed_training_bytes(fake_model(features))
     choices = []
     for checkpointing in sorted({config["ACTIVATION_CHECKPOINTING"], True}):
         per_step, per_image = step_bytes(features, size, amp_dtype, checkpointing)
         batch = min(effective, largest_batch(capacity, per_image, fixed + per_step))
+        if checkpointing == config["ACTIVATION_CHECKPOINTING"]:
+            batch = min(batch, config["BATCH_SIZE"] - 1)  # the batch that just failed fits only on paper
         if batch:
             flags = f"--BATCH_SIZE={batch} --ACCUMULATE_STEPS={math.ceil(effective / batch)}"
             choices.append(flags + (" --ACTIVATION_CHECKPOINTING=true" if checkpointing else ""))

@@ -14,7 +14,7 @@ import predict
 import train
 from conftest import tiny_args
 from model import UNet
-from utils import ExponentialMovingAverage, load_checkpoint
+from utils import ExponentialMovingAverage, autocast_dtype, load_checkpoint
 
 
 class Smooth(nn.Module):
@@ -158,7 +158,7 @@ def test_out_of_memory_in_a_step_names_settings_that_fit_and_keeps_the_checkpoin
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(train, "forward", out_of_memory)
-    per_image = memory.step_bytes((4, 8), (32, 48), torch.bfloat16)[1]
+    per_image = memory.step_bytes((4, 8), (32, 48), autocast_dtype(torch.device("cpu")))[1]  # the run's type
     fixed = memory.fixed_training_bytes(UNet(features=(4, 8)))
     monkeypatch.setattr(memory, "device_memory", lambda device: (fixed + 2.5 * per_image) / memory.HEADROOM)
     with pytest.raises(SystemExit, match=r"out of memory on cpu .* training 32x48 images in batches of 4; try "
