@@ -33,6 +33,7 @@ from utils import (
     dice_numpy,
     forward,
     get_device,
+    is_out_of_memory,
     load_checkpoint,
     model_from_checkpoint,
     resize_on_device,
@@ -367,7 +368,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"\ninterrupted after {outputs.finished} images{resume}", file=sys.stderr)
         return 130
-    except torch.OutOfMemoryError:
+    except RuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
         if device.type == "cuda":
             torch.cuda.empty_cache()
         advice = memory.out_of_memory_in_prediction(predictor.model, device, state["image_size"], args.batch_size,
@@ -385,7 +388,8 @@ def main(argv=None):
 
 def load_predictor(args, device):
     """(checkpoint state, Predictor), or CheckpointError saying why the checkpoint cannot predict."""
-    state = load_checkpoint(args.checkpoint, device)
+    # Read on the CPU: only the model goes to the device, not the optimizer and training weights.
+    state = load_checkpoint(args.checkpoint)
     if not all_finite(state["model"].values()):
         raise CheckpointError(f"{args.checkpoint}: its weights hold NaN or infinite values; use another "
                               f"checkpoint of the run (best.pt, last.pt)")

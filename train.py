@@ -42,12 +42,14 @@ from utils import (
     evaluate,
     forward,
     get_device,
+    is_out_of_memory,
     link_checkpoint,
     recompute_batchnorm,
     save_checkpoint,
     save_predictions_as_imgs,
     seed_everything,
     segmentation_loss,
+    to_device,
     wait_for_other_processes,
 )
 
@@ -145,8 +147,8 @@ def run(config, named, rank, world_size, device, fast_paths=True):
     # The model, its average, optimizer and loss scale; continued where a resume left them.
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-    model = build_model(config, device, world_size, fast_paths)
-    state = new_training_state(model, config, device, amp_dtype, fused=fast_paths)
+    model = build_model(config, device, fast_paths)
+    state = new_training_state(model, config, device, amp_dtype, fused=fast_paths, world_size=world_size)
     start_epoch, best_dice = state.load_state_dict(resumed, log) if resumed else (0, -1.0)
     del resumed  # its tensors: the state holds copies now
     if config["COMPILE"]:
@@ -171,11 +173,11 @@ def run(config, named, rank, world_size, device, fast_paths=True):
         started = time.time()
         loaders.sampler.set_epoch(epoch)
         try:
-            train_loss = train_one_epoch(loaders.train, state, parallel_model, config, epoch,
-                                         epoch * steps_per_epoch, total_steps)
+            train_loss = unless_out_of_memory(train_one_epoch, loaders.train, state, parallel_model, config, epoch,
+                                              epoch * steps_per_epoch, total_steps)
         except NonFiniteLoss as error:
             stop_without_saving(checkpoints, error)
-        except torch.OutOfMemoryError:
+        if train_loss is OUT_OF_MEMORY:
             out_of_memory(config, state, checkpoints)
         train_seconds += time.time() - started
         trained_images += len(loaders.sampler)
@@ -184,9 +186,8 @@ def run(config, named, rank, world_size, device, fast_paths=True):
         last = epoch + 1 == config["NUM_EPOCHS"]
         # The last validation also picks the worst images for the gallery (one process scores them all).
         worst = WorstImages() if last and world_size == 1 else None
-        try:
-            metrics = validate(state, loaders, config, rank, world_size, worst)
-        except torch.OutOfMemoryError:
+        metrics = unless_out_of_memory(validate, state, loaders, config, rank, world_size, worst)
+        if metrics is OUT_OF_MEMORY:
             out_of_memory(config, state, checkpoints)
         # A model that predicts no car anywhere is never a best, whatever Dice an empty mask scores.
         improved = predicts_car(metrics) and metrics["dice"] > best_dice
@@ -214,19 +215,39 @@ class NonFiniteLoss(Exception):
     pass
 
 
+OUT_OF_MEMORY = object()
+
+
+def unless_out_of_memory(function, *args):
+    """function(*args), or OUT_OF_MEMORY where the device ran out. The error is not raised on: its
+    traceback holds the failed step's tensors, which would stay alive (in a notebook, until the
+    kernel restarts) as the context of any exception raised while handling it."""
+    try:
+        return function(*args)
+    except RuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+    return OUT_OF_MEMORY
+
+
+LOSS_CHECK_EVERY = 8  # micro-batches between looks at the loss: each look waits for the device
+
+
 def train_one_epoch(loader, state, parallel_model, config, epoch, steps_done, total_steps):
     """One pass over this process's share of the training images; returns the mean loss. Each
     optimizer step adds the gradients of ACCUMULATE_STEPS micro-batches, each loss weighted by its
     share of the step's images, so the step is the one a batch of all of them would make (BatchNorm
-    aside). parallel_model is state.model or its DDP wrapper; the average follows every step."""
+    aside). parallel_model is state.model or its DDP wrapper; the average follows every step. The
+    losses stay on the device and are looked at every LOSS_CHECK_EVERY micro-batches, so that the
+    host runs ahead of a GPU; a non-finite one stops the run naming the first."""
     parallel_model.train()
-    loss_sum, images = 0.0, 0
     distributed = dist.is_initialized()
     accumulate, batches = config["ACCUMULATE_STEPS"], len(loader)
     sampler = getattr(loader, "sampler", None)  # a DataLoader's; the tests' lists of batches have none
     images_in_epoch = len(sampler) if sampler is not None else None
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config['NUM_EPOCHS']}", unit="batch", leave=False,
                disable=distributed and dist.get_rank() > 0)
+    losses = LossRecord(epoch, distributed)
     for batch, (x, y) in enumerate(bar):
         step, micro = divmod(batch, accumulate)
         steps_last = min((step + 1) * accumulate, batches) == batch + 1  # the micro-batch that steps
@@ -235,29 +256,57 @@ def train_one_epoch(loader, state, parallel_model, config, epoch, steps_done, to
                 group["lr"] = learning_rate(config, steps_done + step, total_steps) * group.get("rate_factor", 1.0)
             state.optimizer.zero_grad(set_to_none=True)
             step_images = step_size(step, accumulate, batches, x.shape[0], images_in_epoch)
-        logits = forward(parallel_model, x, state.device, state.amp_dtype)
-        loss = segmentation_loss(logits, y.to(state.device, non_blocking=True), config["LOSS"])
-        mean = loss.detach().clone()
-        if distributed:  # every process sees the same mean loss, so all stop together on NaN
-            dist.all_reduce(mean)
-            mean /= dist.get_world_size()
-        value = mean.item()
-        if not math.isfinite(value):
-            raise NonFiniteLoss(f"loss became {value} at epoch {epoch + 1}, step {batch + 1}")
-        # Under torchrun the gradients are summed over processes once per step, not per micro-batch.
-        syncing = nullcontext() if steps_last or not distributed else parallel_model.no_sync()
-        with syncing:
+        # Under torchrun the gradients are summed over processes once per optimizer step: DDP needs
+        # the forward pass inside no_sync too, or every micro-batch's backward pass all-reduces.
+        with nullcontext() if steps_last or not distributed else parallel_model.no_sync():
+            logits = forward(parallel_model, x, state.device, state.amp_dtype)
+            loss = segmentation_loss(logits, to_device(y, state.device), config["LOSS"])
             state.scaler.scale(loss * (x.shape[0] / step_images)).backward()
         if steps_last:
             # With float16 the scaler skips a step whose gradients overflowed and lowers its scale;
-            # only a non-finite loss (above) stops the run.
+            # only a non-finite loss stops the run.
             state.scaler.step(state.optimizer)
             state.scaler.update()
             state.average.update(state.model)
-        loss_sum += value * x.shape[0]
-        images += x.shape[0]
-        bar.set_postfix(loss=f"{value:.4f}")
-    return loss_sum / max(1, images)
+        losses.add(loss, x.shape[0])
+        if len(losses.pending) == LOSS_CHECK_EVERY or batch + 1 == batches:
+            bar.set_postfix(loss=f"{losses.check():.4f}")
+    return losses.mean()
+
+
+class LossRecord:
+    """An epoch's micro-batch losses, kept on the device until check() looks at them."""
+
+    def __init__(self, epoch, distributed):
+        self.epoch, self.distributed = epoch, distributed
+        self.pending, self.sizes, self.checked, self.total, self.images = [], [], 0, 0.0, 0
+
+    def add(self, loss, images):
+        self.pending.append(loss.detach().float())
+        self.sizes.append(images)
+
+    def check(self):
+        """The losses since the last check, as one copy from the device (under torchrun the mean over
+        processes, so that all stop together); NonFiniteLoss naming the first that is not finite.
+        Returns the last of them."""
+        values = torch.stack(self.pending)
+        if self.distributed:
+            dist.all_reduce(values)
+            values /= dist.get_world_size()
+        values = values.tolist()
+        for index, value in enumerate(values):
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"loss became {value} at epoch {self.epoch + 1}, step {self.checked + index + 1}")
+        self.total += sum(value * images for value, images in zip(values, self.sizes))
+        self.images += sum(self.sizes)
+        self.checked += len(values)
+        self.pending, self.sizes = [], []
+        return values[-1]
+
+    def mean(self):
+        if self.pending:
+            self.check()
+        return self.total / max(1, self.images)
 
 
 def step_size(step, accumulate, batches, batch_size, images_in_epoch=None):
@@ -284,15 +333,10 @@ def learning_rate(config, step, total_steps):
     return rise * config["LEARNING_RATE"] * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def build_model(config, device, world_size, matmul_upsampling=True):
+def build_model(config, device, matmul_upsampling=True):
     memory_format = torch.channels_last if config["CHANNELS_LAST"] else torch.contiguous_format
-    model = UNet(features=config["FEATURES"], matmul_upsampling=matmul_upsampling,
-                 activation_checkpointing=config["ACTIVATION_CHECKPOINTING"]).to(device, memory_format=memory_format)
-    if config["SYNC_BATCHNORM"] and world_size > 1:
-        if device.type != "cuda":
-            raise SystemExit("error: SYNC_BATCHNORM needs CUDA devices; set it to false for CPU runs")
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
+    return UNet(features=config["FEATURES"], matmul_upsampling=matmul_upsampling,
+                activation_checkpointing=config["ACTIVATION_CHECKPOINTING"]).to(device, memory_format=memory_format)
 
 
 def make_optimizer(model, config, fused=True):
@@ -354,10 +398,15 @@ class TrainingState:
         return all_finite(self.average.model.state_dict().values()) and all_finite(self.model.state_dict().values())
 
 
-def new_training_state(model, config, device, amp_dtype, fused=True):
+def new_training_state(model, config, device, amp_dtype, fused=True, world_size=1):
+    """The TrainingState of a new run. Under torchrun with SYNC_BATCHNORM the trained model's
+    BatchNorm layers gather statistics over all processes; the average is copied before they do, so
+    that rank 0 alone can recompute its statistics and every process can validate it."""
+    average = ExponentialMovingAverage(model, config["EMA_DECAY"])
+    if config["SYNC_BATCHNORM"] and world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # Loss scaling is needed only for float16; bfloat16 has float32's range.
-    return TrainingState(model, ExponentialMovingAverage(model, config["EMA_DECAY"]),
-                         make_optimizer(model, config, fused),
+    return TrainingState(model, average, make_optimizer(model, config, fused),
                          torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), device, amp_dtype)
 
 
@@ -378,6 +427,9 @@ def make_loaders(train_samples, val_samples, config, device, rank, world_size, r
     caches = {name: split_cache(samples, name, config["CACHE_DIR"], size, builds, cache_workers)
               if config["CACHE_DIR"] else None for name, samples in (("train", train_samples), ("val", val_samples))}
     workers = loader_workers(config, device, caches["train"] is not None)
+    # Unaugmented images from the cache need no worker; otherwise workers started for each pass, so
+    # that at most twice `workers` loader processes live at once (macOS starts each from scratch).
+    passes = 0 if caches["train"] is not None and caches["val"] is not None else workers
     crop = (config["CROP_HEIGHT"], config["CROP_WIDTH"]) if config["CROP_HEIGHT"] else None
     train_set = dataset.CarvanaDataset(train_samples, dataset.train_transform(crop), size, caches["train"],
                                        reduced_decoding)
@@ -386,14 +438,15 @@ def make_loaders(train_samples, val_samples, config, device, rank, world_size, r
     val_share = dataset.CarvanaDataset(val_samples[rank::world_size], dataset.val_transform(), size, caches["val"],
                                        reduced_decoding)
     batchnorm_images = batchnorm_set(train_samples, config, caches["train"], reduced_decoding)
-    return Loaders(make_loader(train_set, config, device, workers, sampler), sampler,
-                   make_loader(val_share, config, device, workers), make_loader(batchnorm_images, config, device, workers),
+    return Loaders(make_loader(train_set, config, device, workers, sampler, persistent=True), sampler,
+                   make_loader(val_share, config, device, passes), make_loader(batchnorm_images, config, device, passes),
                    dataset.CarvanaDataset(val_samples, dataset.val_transform(), size, caches["val"], reduced_decoding))
 
 
-def make_loader(images, config, device, workers, sampler=None):
+def make_loader(images, config, device, workers, sampler=None, persistent=False):
     return DataLoader(images, batch_size=config["BATCH_SIZE"], sampler=sampler, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=config["PIN_MEMORY"] and device.type == "cuda")
+                      persistent_workers=persistent and workers > 0,
+                      pin_memory=config["PIN_MEMORY"] and device.type == "cuda")
 
 
 def loader_workers(config, device, cached):
@@ -482,7 +535,7 @@ def out_of_memory(config, state, checkpoints):
     """An out-of-memory error of a step: one line with the settings that fit (memory.py's count) and
     the last good checkpoint, which is left as it was."""
     if state.device.type == "cuda":
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the failed step's tensors are freed by now: give their memory back
     kept = resume.resume_file(checkpoints)
     raise SystemExit(f"error: {memory.out_of_memory_advice(config, state.device, state.amp_dtype)}; the last good "
                      f"checkpoint is {kept if kept.is_file() else 'none yet'} (continue with --LOAD_MODEL=true and "
@@ -566,8 +619,14 @@ def setup_distributed(config):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1, device
+    if config["SYNC_BATCHNORM"] and device.type != "cuda":
+        raise SystemExit("error: SYNC_BATCHNORM needs CUDA devices; set it to false for CPU runs")
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        local_rank, count = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local_rank >= count:
+            raise SystemExit(f"error: torchrun started process {local_rank} of this machine, which has {count} CUDA "
+                             f"device(s): use --nproc_per_node={count}, or --DEVICE=cpu")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world_size, device

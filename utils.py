@@ -94,16 +94,35 @@ def forward(model, x, device, amp_dtype=None):
         return model(to_model_input(x, model, device)).float()
 
 
+OUT_OF_MEMORY_MARKS = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED",
+                      "CUDNN_STATUS_NOT_INITIALIZED")
+
+
+def is_out_of_memory(error):
+    """Whether an exception is the device running out of memory: torch's OutOfMemoryError (named
+    torch.cuda.OutOfMemoryError before torch 2.5), MPS's, or cuDNN's and cuBLAS's failures to
+    allocate, which reach Python as plain RuntimeErrors."""
+    kind = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(error, kind) or (isinstance(error, RuntimeError)
+                                       and any(mark in str(error) for mark in OUT_OF_MEMORY_MARKS))
+
+
 def all_finite(tensors):
     """True when every floating-point tensor holds only finite numbers."""
     return all(bool(torch.isfinite(t).all()) for t in tensors if torch.is_tensor(t) and t.is_floating_point())
+
+
+def to_device(tensor, device):
+    """A copy on the device; asynchronous only to CUDA, where pinned batches need it. To MPS an
+    asynchronous copy of a temporary can read memory already freed (pytorch issues 139550, 189690)."""
+    return tensor.to(device, non_blocking=device.type == "cuda")
 
 
 def to_model_input(x, model, device):
     """A batch on the device in the model's memory format (channels-last when the model is)."""
     weight = next(model.parameters())
     channels_last = weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)
-    return x.to(device, non_blocking=True).contiguous(
+    return to_device(x, device).contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
@@ -155,12 +174,22 @@ def recompute_batchnorm(model, loader, device, amp_dtype=None):
 
 
 def dice_per_image(prediction, target):
-    """Per-image Dice of two boolean tensors shaped (N, ...)."""
+    """Per-image Dice of two boolean tensors shaped (N, ...), as a float64 NumPy array: the pixels are
+    counted where the tensors are, in int64 (MPS has no float64), and divided on the host."""
+    overlap, total = dice_counts(prediction, target)
+    return dice_from_counts(overlap.cpu().numpy(), total.cpu().numpy())
+
+
+def dice_counts(prediction, target):
+    """(overlap, predicted + true pixels) per image of two boolean tensors shaped (N, ...), int64."""
     prediction = prediction.reshape(prediction.shape[0], -1).bool()
     target = target.reshape(target.shape[0], -1).bool()
-    overlap = (prediction & target).sum(1).double()
-    total = prediction.sum(1).double() + target.sum(1).double()
-    return torch.where(total == 0, torch.ones_like(total), 2 * overlap / total.clamp(min=1))
+    return (prediction & target).sum(1), prediction.sum(1) + target.sum(1)
+
+
+def dice_from_counts(overlap, total):
+    overlap, total = np.asarray(overlap, np.float64), np.asarray(total, np.float64)
+    return np.where(total == 0, 1.0, 2 * overlap / np.maximum(total, 1))
 
 
 def dice_numpy(prediction, target):
@@ -190,37 +219,46 @@ def evaluate(loader, model, device, threshold=0.5, amp_dtype=None, loss_fn=None,
     a model that learned nothing: the images whose truth has car, those where car is predicted, and
     the highest car probability. With a WorstImages `worst`, also collects the lowest-Dice images
     (the loader must not shuffle). With all_ranks, each torchrun process scores its share and the
-    sums are added over processes."""
+    sums are added over processes. The counts stay on the device until the end: one wait for it,
+    not several a batch."""
     names = iter(Path(sample.image).name for sample in loader.dataset.samples) if worst is not None else None
     was_training = model.training
     model.eval()
-    dice_sum, images, correct, pixels, loss_sum, with_car, predicted_car = 0.0, 0, 0, 0, 0.0, 0, 0
+    counts, losses = [], []  # per batch: int64 (overlap, total, correct, with car, predicted car); loss
+    pixels = 0
     highest = torch.zeros((), device=device)
     for x, y in loader:
         logits = forward(model, x, device, amp_dtype)
-        y = y.to(device, non_blocking=True)
+        y = to_device(y, device)
         if loss_fn is not None:
-            loss_sum += loss_fn(logits, y).item() * x.shape[0]
+            losses.append(loss_fn(logits, y).detach() * x.shape[0])
         probability = torch.sigmoid(logits)
         highest = torch.maximum(highest, probability.max())
         prediction = probability > threshold
         target = y > 0.5
-        with_car += target.flatten(1).any(1).sum().item()
-        predicted_car += prediction.flatten(1).any(1).sum().item()
-        scores = dice_per_image(prediction, target)
-        dice_sum += scores.sum().item()
+        overlap, total = dice_counts(prediction, target)
+        correct = (prediction == target).flatten(1).sum(1)
+        counts.append(torch.stack((overlap, total, correct, target.flatten(1).any(1).long(),
+                                    prediction.flatten(1).any(1).long())))
         if worst is not None:
+            scores = dice_from_counts(overlap.cpu().numpy(), total.cpu().numpy())
             for i, name in zip(range(x.shape[0]), names):
                 image = (x[i].float().permute(1, 2, 0).cpu().numpy().clip(0, 1) * 255).astype(np.uint8)
-                worst.add(name, scores[i].item(), image, target[i, 0].cpu().numpy(), prediction[i, 0].cpu().numpy())
-        correct += (prediction == target).sum().item()
+                worst.add(name, float(scores[i]), image, target[i, 0].cpu().numpy(), prediction[i, 0].cpu().numpy())
         pixels += target.numel()
-        images += x.shape[0]
     model.train(was_training)
+    # On the host in NumPy: float64 sums, and no float64 tensor on the device.
+    counts = torch.cat(counts, 1).cpu().numpy() if counts else np.zeros((5, 0), np.int64)
+    dice_sum = float(dice_from_counts(counts[0], counts[1]).sum())
+    loss_sum = float(torch.stack(losses).cpu().numpy().astype(np.float64).sum()) if losses else 0.0
+    images, correct, with_car, predicted_car = counts.shape[1], *counts[2:].sum(1).tolist()
     if all_ranks:
+        # float64 for exact sums; NCCL reduces CUDA tensors, Gloo CPU ones (MPS never runs torchrun).
+        where = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
         sums = torch.tensor([dice_sum, images, correct, pixels, loss_sum, with_car, predicted_car],
-                            dtype=torch.float64, device=device)
+                            dtype=torch.float64, device=where)
         torch.distributed.all_reduce(sums)
+        highest = highest.to(where)
         torch.distributed.all_reduce(highest, torch.distributed.ReduceOp.MAX)
         dice_sum, images, correct, pixels, loss_sum, with_car, predicted_car = sums.tolist()
     if images == 0:

@@ -87,3 +87,27 @@ def test_single_process_resume_from_a_torchrun_checkpoint(two_process_run, synth
                                   "--VAL_FRACTION=0.25", "--LOAD_MODEL=true"))
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == EPOCHS + 1
     assert result["last"]["images"] == 4
+
+
+@pytest.fixture(scope="module")
+def all_reduces(tmp_path_factory, synthetic_root):
+    """Gradient all-reduces per process of one epoch of 6 single-image micro-batches a process, with
+    ACCUMULATE_STEPS 1 and 4."""
+    counts = {}
+    for accumulate in (1, 4):
+        tmp = tmp_path_factory.mktemp(f"accumulate{accumulate}")
+        args = tiny_args(tmp, synthetic_root, 1, "--BATCH_SIZE=1", f"--ACCUMULATE_STEPS={accumulate}",
+                         "--VAL_FRACTION=0.25", "--BATCHNORM_IMAGES=2")
+        run = subprocess.run([*torchrun(), "--standalone", "--nproc_per_node=2",
+                              str(Path(__file__).with_name("ddp_probe.py")), str(tmp), *args],
+                             capture_output=True, text=True, timeout=120, check=False)
+        assert run.returncode == 0, run.stdout + run.stderr
+        counts[accumulate] = [int((tmp / f"all_reduces_rank{rank}.count").read_text()) for rank in (0, 1)]
+    return counts
+
+
+def test_accumulated_micro_batches_all_reduce_once_per_optimizer_step(all_reduces):
+    """12 training images, 6 a process: 6 optimizer steps at ACCUMULATE_STEPS=1, 2 at 4 (4 + 2)."""
+    assert all_reduces[1][0] == all_reduces[1][1] and all_reduces[4][0] == all_reduces[4][1]
+    buckets = all_reduces[1][0] / 6
+    assert buckets >= 1 and all_reduces[4][0] == 2 * buckets
