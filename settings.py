@@ -3,6 +3,7 @@ arguments (each read as its default's type), all checked before anything runs; o
 setting that is wrong."""
 import difflib
 import math
+import os
 import re
 from pathlib import Path
 
@@ -73,8 +74,16 @@ def convert(name, text, default):
 
 
 def pictures_folder(config):
-    """SAVED_IMAGES/<CHECKPOINT_DIR's name>: each run's pictures apart from other runs'."""
-    return Path(config["SAVED_IMAGES"]) / Path(config["CHECKPOINT_DIR"]).absolute().name
+    """SAVED_IMAGES/<CHECKPOINT_DIR's path from the folder SAVED_IMAGES is in> (the whole path where
+    CHECKPOINT_DIR is elsewhere): each run's pictures apart from every other run's, as r1/checkpoints
+    and r2/checkpoints share a name but not a path."""
+    saved = Path(config["SAVED_IMAGES"])
+    checkpoints = Path(os.path.abspath(config["CHECKPOINT_DIR"]))
+    try:
+        parts = checkpoints.relative_to(Path(os.path.abspath(saved)).parent).parts
+    except ValueError:
+        parts = checkpoints.parts[1:]  # without the root (or drive), so the path stays under SAVED_IMAGES
+    return saved.joinpath(*parts) if parts else saved / checkpoints.name
 
 
 def check(config):

@@ -77,7 +77,7 @@ FEATURES = (64, 128, 256, 512)    # UNet channels per level; the bottleneck has 
 THRESHOLD = 0.5                   # probability above which a pixel counts as car, between 0 and 1
 EMA_DECAY = 0.99                  # validate and save an average of the weights (0 <= decay < 1; 0: the weights as trained)
 BATCHNORM_IMAGES = 256            # training images (unaugmented) that BatchNorm's statistics are recomputed on before each validation (0: off)
-SAVED_IMAGES = "saved_images"     # pictures of a run go to SAVED_IMAGES/<CHECKPOINT_DIR's name>/ (curves, predictions)
+SAVED_IMAGES = "saved_images"     # pictures of a run go to SAVED_IMAGES/<CHECKPOINT_DIR's path>/ (curves, predictions)
 DEMO = True                       # DATA_DIR left at "data" and no data there: generate synthetic cars, train with DEMO_SETTINGS
 CHANNELS_LAST = True              # NHWC memory format: faster convolutions with oneDNN and cuDNN tensor cores
 ACTIVATION_CHECKPOINTING = False  # recompute each UNet level in the backward pass: about a third more compute, far less memory
@@ -497,7 +497,7 @@ def stop_without_saving(checkpoints, reason):
 
 def draw_pictures(state, loaders, config, history, worst, best_dice):
     """Four validation predictions of different cars, the training curves and the worst validation
-    images in SAVED_IMAGES/<CHECKPOINT_DIR's name>/; then where everything is."""
+    images in the run's own pictures folder (settings.pictures_folder); then where everything is."""
     pictures = settings.pictures_folder(config)
     images = loaders.val_images
     written = save_predictions_as_imgs(images, state.average.model, pictures, state.device,

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import settings
 import train
 from conftest import split_of, tiny_args
 from utils import load_checkpoint
@@ -182,3 +183,18 @@ def test_help_gives_every_setting_its_meaning_and_a_misspelt_name_a_suggestion(c
         train.parse_settings(["--NUM_EPOCH=3"])
     with pytest.raises(SystemExit, match=r"unknown setting --learning_rate; did you mean --LEARNING_RATE\?"):
         train.parse_settings(["--learning_rate=3"])
+
+
+def test_runs_whose_checkpoint_folders_share_a_name_keep_their_pictures_apart(tmp_path, synthetic_root):
+    pictures = {}
+    for run, seed in (("r1", 1), ("r2", 2)):
+        arguments = [*tiny_args(tmp_path, synthetic_root, 1), f"--CHECKPOINT_DIR={tmp_path / run / 'checkpoints'}",
+                     f"--SEED={seed}"]
+        folder = settings.pictures_folder(train.parse_settings(arguments)[0])
+        assert folder == tmp_path / "saved_images" / run / "checkpoints"
+        train.main(arguments)
+        pictures[run] = {path.name: path.read_bytes() for path in folder.glob("*.png")}
+    assert len(pictures["r1"]) == len(pictures["r2"]) == 6  # 4 predictions, the curves, the gallery
+    first = settings.pictures_folder(train.parse_settings([*tiny_args(tmp_path, synthetic_root, 1),
+                                                            f"--CHECKPOINT_DIR={tmp_path / 'r1' / 'checkpoints'}"])[0])
+    assert {path.name: path.read_bytes() for path in first.glob("*.png")} == pictures["r1"]  # r2 deleted nothing
