@@ -13,7 +13,7 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,7 @@ import resume
 import settings
 import synthetic
 from cache import split_cache
-from files import make_run_folder, replacing, write_text
+from files import InUse, exclusive, make_run_folder, replacing, write_text
 from model import UNet
 from pictures import WorstImages, save_training_curves
 from utils import (
@@ -109,12 +109,37 @@ def main(argv=None, fast_paths=True):
     config, named = parse_settings(sys.argv[1:] if argv is None else argv)
     rank, world_size, device = setup_distributed(config)
     try:
-        result = run(config, named, rank, world_size, device, fast_paths)
-        wait_for_other_processes()  # the others wait while rank 0 draws its pictures, then all leave together
+        with holding_run_folders(config, rank):
+            result = run(config, named, rank, world_size, device, fast_paths)
+            wait_for_other_processes()  # the others wait while rank 0 draws its pictures, then all leave together
         return result
     finally:
         if world_size > 1:
             dist.destroy_process_group()
+
+
+@contextmanager
+def holding_run_folders(config, rank):
+    """CHECKPOINT_DIR and the run's pictures folder, held by this run alone while it writes them:
+    a second run into either is refused in one line naming the first (two writers would overwrite
+    each other's checkpoints), and a folder that cannot be written stops the run before any
+    training. Rank 0 of a torchrun job writes them; the other processes hold nothing."""
+    if rank:
+        yield
+        return
+    with ExitStack() as held:
+        for name, folder in (("CHECKPOINT_DIR", Path(config["CHECKPOINT_DIR"])),
+                             ("SAVED_IMAGES", settings.pictures_folder(config))):
+            try:
+                make_run_folder(folder)
+                held.enter_context(exclusive(folder, "train.py"))
+            except InUse as error:
+                raise SystemExit(f"error: {name}: {error}; two runs in one folder would overwrite each other's "
+                                 f"files: wait for it to end, or give this run another --{name}") from None
+            except OSError as error:
+                raise SystemExit(f"error: {name}: cannot write in {folder} ({error.strerror or error}); give "
+                                 f"--{name} a folder this run can write") from None
+        yield
 
 
 def run(config, named, rank, world_size, device, fast_paths=True):
@@ -573,5 +598,17 @@ def setup_distributed(config):
     return dist.get_rank(), world_size, device
 
 
+def command_line():
+    """main() as a command: its one-line errors exit with status 2, as predict.py's do."""
+    try:
+        main()
+    except SystemExit as error:
+        if isinstance(error.code, str):
+            print(error.code, file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(command_line())

@@ -45,3 +45,35 @@ def split_of(config):
     import data_folder
 
     return data_folder.training_split(config["DATA_DIR"], config["VAL_FRACTION"], config["SEED"])
+
+
+def read_only(monkeypatch, folder):
+    """Make every attempt to create or write a file or folder under `folder` fail as on a read-only
+    file system (the tests run as root, whom chmod does not stop)."""
+    import builtins
+    import errno
+    import io
+    import os
+
+    folder = os.path.abspath(folder)
+
+    def refused(path):
+        return os.path.abspath(os.fspath(path)).startswith(folder)
+
+    def failing(real, writes):
+        def call(path, *args, **kwargs):
+            if isinstance(path, (str, bytes, os.PathLike)) and refused(path) and writes(*args, **kwargs):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+            return real(path, *args, **kwargs)
+        return call
+
+    def opens_to_write(mode="r", *args, **kwargs):
+        return any(letter in mode for letter in "wax+")
+
+    def os_open_writes(flags, *args, **kwargs):
+        return bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+
+    monkeypatch.setattr(builtins, "open", failing(builtins.open, opens_to_write))
+    monkeypatch.setattr(io, "open", failing(io.open, opens_to_write))
+    monkeypatch.setattr(os, "open", failing(os.open, os_open_writes))
+    monkeypatch.setattr(os, "mkdir", failing(os.mkdir, lambda *args, **kwargs: True))
