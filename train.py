@@ -148,7 +148,7 @@ def run(config, named, rank, world_size, device, fast_paths=True):
     checkpoints = Path(config["CHECKPOINT_DIR"])
 
     # Settings: a resumed run keeps its own; the data folder is checked before the checkpoint folder.
-    resumed = resume.read(checkpoints, device) if config["LOAD_MODEL"] else None
+    resumed = resume.read(checkpoints, device, log) if config["LOAD_MODEL"] else None
     if resumed:
         config = resume.continue_settings(config, named, resumed, log)
     seed_everything(config["SEED"])
@@ -372,7 +372,8 @@ class TrainingState:
         elif saved_dtype != str(self.amp_dtype):
             log(f"mixed precision was {saved_dtype}, now {self.amp_dtype}: continuing"
                 f"{' with a fresh loss scale' if self.scaler.is_enabled() else ''}")
-        log(f"resumed from {resumed.path}: {state['epoch']} epochs done, best Dice {state['best_dice']:.4f}")
+        done = f"{state['epoch']} epoch{'s' * (state['epoch'] != 1)}"
+        log(f"resumed from {resumed.path}: {done} done, best Dice {state['best_dice']:.4f}")
         return state["epoch"], state["best_dice"]
 
     def finite(self):
@@ -461,9 +462,6 @@ def predicts_car(metrics):
     return metrics["images_predicted_car"] > 0 or metrics["images_with_car"] == 0
 
 
-HISTORY_FIELDS = ["epoch", "train_loss", "val_loss", "dice", "pixel_accuracy", "learning_rate", "seconds"]
-
-
 def record_epoch(config, epoch, train_loss, metrics, started, history, checkpoint, improved):
     """Print the epoch, add it to history.csv, save best.pt (improved) and then last.pt: a run
     killed between the two saves resumes from the older last.pt (from best.pt when there is none
@@ -498,7 +496,7 @@ def record_epoch(config, epoch, train_loss, metrics, started, history, checkpoin
 
 def write_history(rows, path):
     with replacing(path, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, HISTORY_FIELDS)
+        writer = csv.DictWriter(stream, resume.HISTORY_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
 

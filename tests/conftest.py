@@ -77,3 +77,16 @@ def read_only(monkeypatch, folder):
     monkeypatch.setattr(io, "open", failing(io.open, opens_to_write))
     monkeypatch.setattr(os, "open", failing(os.open, os_open_writes))
     monkeypatch.setattr(os, "mkdir", failing(os.mkdir, lambda *args, **kwargs: True))
+
+
+def damage(path):
+    """Change 4 bytes inside the largest weight of a checkpoint, as a disk or copy error would."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        member = max((info for info in archive.infolist() if "/data/" in info.filename), key=lambda i: i.file_size)
+        start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)
+    data = bytearray(path.read_bytes())
+    middle = start + member.file_size // 2
+    data[middle:middle + 4] = bytes(255 - value for value in data[middle:middle + 4])
+    path.write_bytes(bytes(data))

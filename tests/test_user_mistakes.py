@@ -6,7 +6,7 @@ import torch
 
 import predict
 import train
-from conftest import split_of, tiny_args
+from conftest import damage, split_of, tiny_args
 from utils import load_checkpoint, save_checkpoint
 
 
@@ -86,20 +86,28 @@ def test_unreadable_inputs_make_a_submission_fail_loudly(trained, synthetic_root
     assert "1 input(s) could not be read" in captured.err and "lacks the rows of the 1 skipped" in captured.err
 
 
-@pytest.mark.parametrize("case", ["other-model", "nan-weights"])
+CHECKPOINT_PROBLEMS = {"other-model": "this project's UNet", "nan-weights": "NaN or infinite",
+                       "damaged": "is damaged: archive/data/", "folder": "is a folder, not a checkpoint file"}
+
+
+@pytest.mark.parametrize("case", CHECKPOINT_PROBLEMS)
 def test_checkpoints_that_cannot_predict_are_one_line_errors(trained, synthetic_root, tmp_path, capsys, case):
     state = load_checkpoint(trained[0] / "checkpoints" / "best.pt")
     if case == "other-model":
         state["model_args"] = {"n_channels": 3, "n_classes": 1}  # another repository's UNet
-    else:
+    elif case == "nan-weights":
         state["model"] = {name: value * float("nan") if value.is_floating_point() else value
                           for name, value in state["model"].items()}
-    save_checkpoint(state, tmp_path / "x.pt")
+    if case == "folder":
+        (tmp_path / "x.pt").mkdir()
+    else:
+        save_checkpoint(state, tmp_path / "x.pt")
+    if case == "damaged":
+        damage(tmp_path / "x.pt")  # 4 bytes inside a weight: the model would load, its masks wrong
     status = predict.main(["--checkpoint", str(tmp_path / "x.pt"), "--input", str(synthetic_root / "train"),
                            "--output", str(tmp_path / "out"), "--workers", "0"])
     err = one_line_error(capsys)
-    assert status == 2 and str(tmp_path / "x.pt") in err
-    assert ("this project's UNet" if case == "other-model" else "NaN or infinite") in err
+    assert status == 2 and str(tmp_path / "x.pt") in err and CHECKPOINT_PROBLEMS[case] in err
     assert not (tmp_path / "out").exists()
 
 
