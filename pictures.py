@@ -4,6 +4,8 @@ from pathlib import Path
 
 import numpy as np
 
+from files import replacing
+
 
 def mask_to_rgb(mask):
     return np.repeat((np.asarray(mask) > 0).astype(np.uint8)[..., None] * 255, 3, axis=2)
@@ -41,7 +43,8 @@ def draw_panels(rows, path, gap=8, title_height=26):
             left += panel.shape[1] + gap
         top += height
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
+    with replacing(path) as stream:  # whole or absent
+        sheet.save(stream, format="PNG")
     return Path(path)
 
 
@@ -73,8 +76,11 @@ def save_training_curves(rows, path):
         axes.legend()
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        with replacing(path) as stream:  # whole or absent
+            figure.savefig(stream, format="png", dpi=100)
+    finally:
+        plt.close(figure)
 
 
 def difference_picture(truth, prediction):

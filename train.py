@@ -130,6 +130,9 @@ def holding_run_folders(config, rank):
     with ExitStack() as held:
         for name, folder in (("CHECKPOINT_DIR", Path(config["CHECKPOINT_DIR"])),
                              ("SAVED_IMAGES", settings.pictures_folder(config))):
+            made = next((part for part in reversed((folder, *folder.parents)) if not part.exists()), None)
+            if made:  # a run stopped before writing anything (bad data, say) leaves no folder behind
+                held.callback(remove_unused, folder, made)
             try:
                 make_run_folder(folder)
                 held.enter_context(exclusive(folder, "train.py"))
@@ -225,7 +228,7 @@ def run(config, named, rank, world_size, device, fast_paths=True):
             record_epoch(config, epoch, train_loss, metrics, started, history, checkpoint, improved)
             # Matplotlib takes most of a second per drawing: redraw while training at most once a minute.
             if last or time.time() - curves_drawn > 60:
-                save_training_curves(history, curves)
+                draw_curves(history, curves)
                 curves_drawn = time.time()
 
     # Pictures of the validation images, and where everything is.
@@ -518,9 +521,28 @@ def stop_without_saving(checkpoints, reason):
                      f"{kept if kept.is_file() else 'none yet'}. Try a lower LEARNING_RATE.") from None
 
 
+def draw_curves(history, path):
+    """The training curves, redrawn while training; a failure (a full disk) is a warning, not the end
+    of a run whose checkpoints are saved."""
+    try:
+        save_training_curves(history, path)
+    except OSError as error:
+        print(f"warning: cannot draw {path} ({error.strerror or error}); training goes on", file=sys.stderr)
+
+
 def draw_pictures(state, loaders, config, history, worst, best_dice):
     """Four validation predictions of different cars, the training curves and the worst validation
-    images in the run's own pictures folder (settings.pictures_folder); then where everything is."""
+    images in the run's own pictures folder (settings.pictures_folder); then where everything is.
+    A picture that cannot be written is one line naming the folder (the checkpoints are whole)."""
+    try:
+        draw_all_pictures(state, loaders, config, history, worst, best_dice)
+    except OSError as error:
+        reason = error.strerror or error
+        raise SystemExit(f"error: cannot draw the pictures in {settings.pictures_folder(config)} ({reason}); the "
+                         f"checkpoints in {config['CHECKPOINT_DIR']} are whole") from None
+
+
+def draw_all_pictures(state, loaders, config, history, worst, best_dice):
     pictures = settings.pictures_folder(config)
     images = loaders.val_images
     written = save_predictions_as_imgs(images, state.average.model, pictures, state.device,
@@ -594,6 +616,21 @@ def setup_distributed(config):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world_size, device
+
+
+def remove_unused(folder, top):
+    """Remove a folder this run made and wrote nothing into, with the empty ones it made above it
+    up to `top`."""
+    if not folder.is_dir() or any(path.name != ".gitignore" for path in folder.iterdir()):
+        return
+    (folder / ".gitignore").unlink(missing_ok=True)
+    for part in (folder, *folder.parents):
+        try:
+            part.rmdir()
+        except OSError:
+            return
+        if part == top:
+            return
 
 
 def command_line():

@@ -102,7 +102,7 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, synthetic_root, capsys):
     first = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     result = train.main(tiny_args(tmp_path, synthetic_root, 2, "--LOAD_MODEL=true"))
     out = capsys.readouterr().out
-    assert "resumed from" in out and "1 epochs done" in out
+    assert "resumed from" in out and "1 epoch done" in out
     assert "epoch 1/2:" not in out and "epoch 2/2:" in out
     second = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert second["epoch"] == 2 and second["best_dice"] >= first["best_dice"]
@@ -111,7 +111,7 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, synthetic_root, capsys):
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, synthetic_root):
-    with pytest.raises(SystemExit, match="cannot resume.*last.pt: no such checkpoint"):
+    with pytest.raises(SystemExit, match="cannot resume.*holds no checkpoint \\(last.pt or best.pt\\)"):
         train.main(tiny_args(tmp_path, synthetic_root, 1, "--LOAD_MODEL=true"))
 
 
