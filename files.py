@@ -63,6 +63,10 @@ def write_bytes(path, data):
         stream.write(data)
 
 
+class WriteError(Exception):
+    """An output that could not be written (a full disk, a lost mount); the message names it and why."""
+
+
 class InUse(Exception):
     """Another process holds what exclusive() was asked for; the message names it."""
 

@@ -20,6 +20,17 @@ def tiny_args(tmp, data_dir, epochs=1, *extra):
             f"--SAVED_IMAGES={tmp / 'saved_images'}", f"--NUM_EPOCHS={epochs}", *TINY, *extra]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def checkout_left_as_it_was():
+    """Nothing the tests run writes into the checkout's run folders (a predict.py without --output,
+    a train.py with its default folders)."""
+    folders = [ROOT / name for name in ("saved_images", "checkpoints", "cache", "data")]
+    before = {path for folder in folders for path in folder.rglob("*")}
+    yield
+    left = sorted(str(path.relative_to(ROOT)) for folder in folders for path in folder.rglob("*") if path not in before)
+    assert not left, f"the tests left files in the checkout: {', '.join(left[:5])}"
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     """4 cars x 4 angles in Carvana's layout and formats, at 192x128."""
@@ -62,21 +73,24 @@ def read_only(monkeypatch, folder):
 
     def failing(real, writes):
         def call(path, *args, **kwargs):
-            if isinstance(path, (str, bytes, os.PathLike)) and refused(path) and writes(*args, **kwargs):
+            if isinstance(path, (str, bytes, os.PathLike)) and refused(path) and writes(path, *args, **kwargs):
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
             return real(path, *args, **kwargs)
         return call
 
-    def opens_to_write(mode="r", *args, **kwargs):
+    def opens_to_write(path, mode="r", *args, **kwargs):
         return any(letter in mode for letter in "wax+")
 
-    def os_open_writes(flags, *args, **kwargs):
+    def os_open_writes(path, flags, *args, **kwargs):
         return bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+
+    def new_folder(path, *args, **kwargs):
+        return not os.path.exists(path)  # an existing one: FileExistsError, as on a read-only mount
 
     monkeypatch.setattr(builtins, "open", failing(builtins.open, opens_to_write))
     monkeypatch.setattr(io, "open", failing(io.open, opens_to_write))
     monkeypatch.setattr(os, "open", failing(os.open, os_open_writes))
-    monkeypatch.setattr(os, "mkdir", failing(os.mkdir, lambda *args, **kwargs: True))
+    monkeypatch.setattr(os, "mkdir", failing(os.mkdir, new_folder))
 
 
 def damage(path):

@@ -75,8 +75,9 @@ def test_nothing_predictable_exits_non_zero(trained, tmp_path, capsys):
     (tmp_path / "only.jpg").write_bytes(b"junk")
     args = ["--checkpoint", str(trained[0] / "checkpoints" / "last.pt"), "--output", str(tmp_path / "o")]
     assert predict.main([*args, "--input", str(tmp_path / "only.jpg")]) == 1
-    assert predict.main([*args, "--input", str(tmp_path / "missing")]) == 1
     assert "no images found" in capsys.readouterr().err
+    assert predict.main([*args, "--input", str(tmp_path / "missing")]) == 2
+    assert f"error: --input {tmp_path / 'missing'}: no such file or folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content, message", [(None, "no such checkpoint file"), (b"garbage", "not a readable")])
