@@ -354,3 +354,16 @@ def test_each_model_masks_go_to_a_folder_of_their_own(trained, synthetic_root, t
     assert predict.main(["--checkpoint", "other.pt", "--input", image, "--workers", "0", "--output", str(output)]) == 2
     assert f"--output {output} holds the masks of another model (by run/checkpoints/best.pt)" in one_line_error(capsys)
     assert {path.name: path.read_bytes() for path in output.iterdir()} == before
+
+
+def test_a_misspelt_masks_folder_or_missing_option_is_one_line_exit_2(trained, synthetic_root, tmp_path, capsys):
+    inputs = ["--input", str(synthetic_root / "train"), "--output", str(tmp_path / "out")]
+    assert predict.main(predicting(trained, *inputs, "--masks", str(synthetic_root / "train_mask"))) == 2
+    assert one_line_error(capsys) == f"error: --masks {synthetic_root / 'train_mask'}: no such folder"
+    assert predict.main(predicting(trained, *inputs, "--masks", str(synthetic_root / "train"))) == 2
+    assert "holds no mask of these 16 images" in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as stopped:
+        predict.main(["--checkpoint", str(trained[0] / "checkpoints" / "best.pt")])
+    assert stopped.value.code == 2
+    assert one_line_error(capsys).startswith("error: the following arguments are required: --input")
