@@ -360,7 +360,10 @@ def test_a_misspelt_masks_folder_or_missing_option_is_one_line_exit_2(trained, s
     inputs = ["--input", str(synthetic_root / "train"), "--output", str(tmp_path / "out")]
     assert predict.main(predicting(trained, *inputs, "--masks", str(synthetic_root / "train_mask"))) == 2
     assert one_line_error(capsys) == f"error: --masks {synthetic_root / 'train_mask'}: no such folder"
-    assert predict.main(predicting(trained, *inputs, "--masks", str(synthetic_root / "train"))) == 2
+    (tmp_path / "other_masks").mkdir()
+    (tmp_path / "other_masks" / "another_car_mask.gif").write_bytes((synthetic_root / "train_masks").iterdir().__next__()
+                                                                    .read_bytes())
+    assert predict.main(predicting(trained, *inputs, "--masks", str(tmp_path / "other_masks"))) == 2
     assert "holds no mask of these 16 images" in one_line_error(capsys)
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit) as stopped:
