@@ -225,6 +225,26 @@ def test_a_second_mask_and_a_broken_link_are_named_not_ignored(tmp_path, synthet
     assert len(samples) == 16
 
 
+
+def test_two_photos_claiming_one_mask_are_reported_and_neither_is_trained(tmp_path, synthetic_root, capsys):
+    import cv2
+
+    import data_folder
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    photos = sorted((root / "train").glob("*.jpg"))
+    claimed, other_car = photos[0], photos[-1]
+    cv2.imwrite(str(claimed.with_suffix(".png")), cv2.imread(str(other_car)))  # another car's photo, the same stem
+    samples, report = data_folder.scan_pairs(root / "train", root / "train_masks", progress=False)
+    reasons = {path.name: reason for path, reason in report.skipped}
+    mask = f"{claimed.stem}_mask.gif"
+    assert reasons[claimed.name] == f"its mask {mask} is also the mask of {claimed.stem}.png: rename the photo that is not its own"
+    assert reasons[f"{claimed.stem}.png"].startswith(f"its mask {mask} is also the mask of {claimed.name}")
+    assert len(samples) == 15 and claimed.stem not in {sample.image.stem for sample in samples}
+    data_folder.print_report(report)
+    assert f"{claimed.name}: its mask {mask}" in capsys.readouterr().err
+
 def test_outputs_on_a_read_only_mount_are_one_line_errors_before_anything_is_predicted(trained, synthetic_root,
                                                                                      tmp_path, monkeypatch, capsys):
     inputs = ["--input", str(synthetic_root / "train")]
