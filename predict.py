@@ -180,11 +180,13 @@ class Photo(NamedTuple):
 
 class ImageFiles(Dataset):
     """Photos, decoded by loader workers while the model runs. An unreadable file comes back as a
-    Photo with its problem. `reduced`: no full-size image is needed, so JPEGs are decoded at libjpeg's
-    largest DCT-domain reduction that still covers the model's size (1918x1280 straight to 240x160)."""
+    Photo with its problem. The model sees each photo as training saw it, whatever else is asked:
+    a JPEG decoded at libjpeg's largest DCT-domain reduction that still covers the model's size
+    (1918x1280 straight to 240x160), so that submission rows and --masks scores come from the same
+    probabilities; the full-size photo is decoded as well only where masks, overlays or scores need it."""
 
-    def __init__(self, paths, image_size, keep_image, reduced=False):
-        self.paths, self.size, self.keep_image, self.reduced = paths, tuple(image_size), keep_image, reduced
+    def __init__(self, paths, image_size, keep_image):
+        self.paths, self.size, self.keep_image = paths, tuple(image_size), keep_image
         self.transform = val_transform()
 
     def __len__(self):
@@ -195,15 +197,14 @@ class ImageFiles(Dataset):
         checked = image_files.image_problem(path)
         if checked.problem:
             return Photo(path, None, None, None, checked.problem)
+        reduced = checked.format in image_files.REDUCED_FORMATS
         try:
-            if self.reduced:
-                (width, height), image = checked.size, None
-                small = image_files.load_image(path, self.size, checked.size)
-            else:
-                image = image_files.read_image(path)
-                (height, width), small = image.shape[:2], image_files.shrink_image(image, self.size)
+            image = image_files.read_image(path) if self.keep_image or not reduced else None
+            small = (image_files.load_image(path, self.size, checked.size) if reduced
+                     else image_files.shrink_image(image, self.size))
         except (OSError, ValueError, cv2.error):
             return Photo(path, None, None, None, "cannot decode image")
+        width, height = checked.size
         x = to_tensor(self.transform(image=small)["image"])
         return Photo(path, (height, width), x, image if self.keep_image else None)
 
@@ -378,14 +379,14 @@ def run(args, held):
     output = Path(args.output)
     scores = Scores() if args.masks else None
 
-    # Only submission rows wanted: decode at the model's size and encode rows off the main thread.
+    # Only submission rows wanted: no full-size decoding, and the rows encoded off the main thread.
     rows_only = args.no_images and scores is None
     keep_image = not args.no_images or scores is not None
     workers = default_workers(device) if args.workers is None else args.workers
     threads_before = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(model_threads(workers))
-    loader = DataLoader(ImageFiles(paths, state["image_size"], keep_image, reduced=rows_only),
+    loader = DataLoader(ImageFiles(paths, state["image_size"], keep_image),
                         batch_size=args.batch_size, num_workers=workers, collate_fn=as_list)
     encoder = RowEncoder(device, threshold, ENCODER_THREADS, 2 * args.batch_size) if rows_only else None
     outputs = Outputs(args, names, threshold, submission, scores, encoder)
