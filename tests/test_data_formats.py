@@ -382,7 +382,7 @@ def test_jpeg_with_a_trailer_is_accepted_and_a_cut_one_is_not(tmp_path):
     assert np.array_equal(image_files.read_image(tmp_path / "trailer.jpg"), image_files.read_image(tmp_path / "whole.jpg"))
     for name, cut in (("half.jpg", whole[: len(whole) // 2]), ("no_end.jpg", whole[:-2])):
         (tmp_path / name).write_bytes(cut)
-        assert image_files.image_problem(tmp_path / name) == ("truncated JPEG (file ends early)", None)
+        assert image_files.image_problem(tmp_path / name)[:2] == ("truncated JPEG (file ends early)", None)
 
 
 def test_mask_checks_are_kept_between_runs_until_a_mask_changes(tmp_path, synthetic_root, monkeypatch):
