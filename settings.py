@@ -114,10 +114,6 @@ def check(config):
         fail(f"NUM_WORKERS must be auto or a count of 0 or more, got {workers!r}")
     if not config["FEATURES"] or min(config["FEATURES"]) < 1:
         fail(f"FEATURES must be one or more positive channel counts such as 64,128,256,512, got {config['FEATURES']}")
-    levels = len(config["FEATURES"])
-    if min(config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]) < 2**levels:
-        fail(f"IMAGE_HEIGHT and IMAGE_WIDTH must be at least {2**levels} for a {levels}-level UNet, "
-             f"got {config['IMAGE_HEIGHT']}x{config['IMAGE_WIDTH']}")
     if config["LOSS"] not in ("lovasz", "dice"):
         fail(f"LOSS must be lovasz or dice, got {config['LOSS']!r}")
     if config["AMP_DTYPE"] not in ("auto", "float16", "bfloat16"):
@@ -128,6 +124,23 @@ def check(config):
     for name, folder in (("CHECKPOINT_DIR", config["CHECKPOINT_DIR"]), ("SAVED_IMAGES", pictures_folder(config))):
         if not_a_folder(folder):
             fail(f"{name}: {not_a_folder(folder)} is a file, so no folder can be made at {folder}")
+    try:
+        get_device(config["DEVICE"])
+    except ValueError as error:
+        fail(f"DEVICE: {error}")
+    if not config.get("LOAD_MODEL"):  # a resume's sizes and model are its run's: checked once they are known
+        check_sizes(config)
+
+
+def check_sizes(config):
+    """The image, crop and model sizes fit each other: SystemExit with one line naming them."""
+    def fail(message):
+        raise SystemExit(f"error: {message}")
+
+    levels = len(config["FEATURES"])
+    if min(config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]) < 2**levels:
+        fail(f"IMAGE_HEIGHT and IMAGE_WIDTH must be at least {2**levels} for a {levels}-level UNet, "
+             f"got {config['IMAGE_HEIGHT']}x{config['IMAGE_WIDTH']}")
     crop = config["CROP_HEIGHT"], config["CROP_WIDTH"]
     if crop != (0, 0):
         if min(crop) < 2**levels or crop[0] > config["IMAGE_HEIGHT"] or crop[1] > config["IMAGE_WIDTH"]:
@@ -140,7 +153,3 @@ def check(config):
         fail(f"IMAGE_HEIGHT x IMAGE_WIDTH {config['IMAGE_HEIGHT']}x{config['IMAGE_WIDTH']} leaves the {levels}-level "
              f"UNet's bottleneck one pixel, where BatchNorm has one value per channel from a 1-image batch: "
              f"make one side at least {2 ** (levels + 1)}")
-    try:
-        get_device(config["DEVICE"])
-    except ValueError as error:
-        fail(f"DEVICE: {error}")

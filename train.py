@@ -154,6 +154,7 @@ def run(config, named, rank, world_size, device, fast_paths=True):
     resumed = resume.read(checkpoints, device, log) if config["LOAD_MODEL"] else None
     if resumed:
         config = resume.continue_settings(config, named, resumed, log)
+        settings.check_sizes(config)
     seed_everything(config["SEED"])
     config = prepare_data(config, named, rank)
     if not resumed:

@@ -263,3 +263,15 @@ def test_a_history_saved_again_by_a_spreadsheet_with_semicolons_is_read(tmp_path
     history.write_text("not a history\n1\n")
     with pytest.raises(SystemExit, match=rf"{history} is not a history as train.py writes it"):
         train.main([*tiny_args(tmp_path, synthetic_root, 3), "--LOAD_MODEL=true"])
+
+
+def test_a_resume_that_restates_its_own_crop_is_accepted(tmp_path, synthetic_root, capsys):
+    folders = [a for a in tiny_args(tmp_path, synthetic_root, 1) if a.startswith(("--DATA_DIR", "--CHECKPOINT_DIR",
+                                                                                  "--CACHE_DIR", "--SAVED_IMAGES"))]
+    crop = ["--CROP_HEIGHT=192", "--CROP_WIDTH=256"]  # larger than the default IMAGE_HEIGHT x IMAGE_WIDTH
+    train.main([*tiny_args(tmp_path, synthetic_root, 1), "--IMAGE_HEIGHT=256", "--IMAGE_WIDTH=384", *crop])
+    result = train.main([*folders, "--NUM_WORKERS=0", "--LOAD_MODEL=true", "--NUM_EPOCHS=2", *crop])
+    assert result["config"]["IMAGE_HEIGHT"] == 256 and result["config"]["CROP_WIDTH"] == 256
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 2
+    with pytest.raises(SystemExit, match="holds another run's settings"):  # another crop is still refused
+        train.main([*folders, "--LOAD_MODEL=true", "--CROP_HEIGHT=128", "--CROP_WIDTH=256"])
