@@ -113,6 +113,10 @@ def main(argv=None, fast_paths=True):
             result = run(config, named, rank, world_size, device, fast_paths)
             wait_for_other_processes()  # the others wait while rank 0 draws its pictures, then all leave together
         return result
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"\n{interrupted(config)}", file=sys.stderr)
+        raise
     finally:
         if world_size > 1:
             dist.destroy_process_group()
@@ -619,6 +623,14 @@ def setup_distributed(config):
     return dist.get_rank(), world_size, device
 
 
+def interrupted(config):
+    """What a run stopped by Ctrl-C has kept, and how to go on, in one line."""
+    kept = resume.resume_file(Path(config["CHECKPOINT_DIR"]))
+    if not kept.is_file():
+        return "interrupted before the first checkpoint was saved: the same command starts the run again"
+    return f"interrupted: the last good checkpoint is {kept}; the same command with --LOAD_MODEL=true continues the run"
+
+
 def remove_unused(folder, top):
     """Remove a folder this run made and wrote nothing into, with the empty ones it made above it
     up to `top`."""
@@ -635,9 +647,12 @@ def remove_unused(folder, top):
 
 
 def command_line():
-    """main() as a command: its one-line errors exit with status 2, as predict.py's do."""
+    """main() as a command: its one-line errors exit with status 2, as predict.py's do; Ctrl-C, having
+    said what is kept, with 130 and no traceback."""
     try:
         main()
+    except KeyboardInterrupt:
+        return 130
     except SystemExit as error:
         if isinstance(error.code, str):
             print(error.code, file=sys.stderr)

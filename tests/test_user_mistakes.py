@@ -390,3 +390,27 @@ def test_a_misspelt_masks_folder_or_missing_option_is_one_line_exit_2(trained, s
         predict.main(["--checkpoint", str(trained[0] / "checkpoints" / "best.pt")])
     assert stopped.value.code == 2
     assert one_line_error(capsys).startswith("error: the following arguments are required: --input")
+
+
+def test_ctrl_c_during_training_is_one_line_with_the_resume_hint(tmp_path, synthetic_root):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    arguments = [*tiny_args(tmp_path, synthetic_root, 200), "--NUM_WORKERS=1", "--CACHE_DIR="]  # loader processes
+    run = subprocess.Popen([sys.executable, "-u", "train.py", *arguments], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert any(line.startswith("epoch 2/200") for line in iter(run.stdout.readline, ""))
+        os.killpg(run.pid, signal.SIGINT)  # Ctrl-C reaches every process of the terminal's group
+        err = run.communicate(timeout=60)[1]
+    finally:
+        run.kill()
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and not line.startswith("epoch ")]
+    assert run.returncode == 130 and "Traceback" not in err, err
+    hint = (f"interrupted: the last good checkpoint is {tmp_path / 'checkpoints' / 'last.pt'}; the same command with "
+            f"--LOAD_MODEL=true continues the run")
+    assert lines == [hint], err
