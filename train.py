@@ -53,7 +53,7 @@ from utils import (
 
 # ---- settings ---------------------------------------------------------------------------------
 DATA_DIR = "data"                 # train/ + train_masks/ (Carvana), train_images/ ... val_masks/, images/ + masks/ or imgs/ + masks/
-CHECKPOINT_DIR = "checkpoints"    # last.pt every epoch, best.pt on a new best Dice; on Colab a Drive folder
+CHECKPOINT_DIR = "checkpoints"    # last.pt every epoch, best.pt on a new best Dice (the demo: checkpoints/demo); on Colab a Drive folder
 IMAGE_HEIGHT = 160                # pixels the model sees; Carvana's photos are 1280 high
 IMAGE_WIDTH = 240                 # pixels the model sees; Carvana's photos are 1918 wide
 BATCH_SIZE = 8                    # images per micro-batch (README: Training recipe)
@@ -107,6 +107,7 @@ def main(argv=None, fast_paths=True):
     """fast_paths=False trains without the speed paths that change no result (reduced JPEG decoding,
     upsampling as one matrix product, fused Adam): bench.py's "before"."""
     config, named = parse_settings(sys.argv[1:] if argv is None else argv)
+    config = demo_folder(config, named)
     rank, world_size, device = setup_distributed(config)
     try:
         with holding_run_folders(config, rank):
@@ -580,6 +581,25 @@ def silent(*args, **kwargs):
     """print() for the processes of a torchrun job other than rank 0."""
 
 
+def demo_runs(config, named):
+    """Whether this run is the demo: DEMO on, DATA_DIR left at its default, and no data there."""
+    return (config["DEMO"] and "DATA_DIR" not in named and config["DATA_DIR"] == DEMO_DATA_DIR
+            and not data_folder.has_data(config["DATA_DIR"]))
+
+
+def demo_folder(config, named):
+    """The demo's run goes to CHECKPOINT_DIR/demo unless CHECKPOINT_DIR is given: the folder that a
+    run on your own photos takes next (and predict.py's checkpoints/best.pt) is never the demo's. A
+    resume continues the run in CHECKPOINT_DIR itself where there is one (your own run, resumed
+    while data/ is empty, or a demo of an earlier version)."""
+    checkpoints = Path(config["CHECKPOINT_DIR"])
+    if "CHECKPOINT_DIR" in named or not demo_runs(config, named):
+        return config
+    if config["LOAD_MODEL"] and resume.resume_file(checkpoints).is_file():
+        return config
+    return {**config, "CHECKPOINT_DIR": str(checkpoints / "demo")}
+
+
 def prepare_data(config, named, rank=0):
     """Use DATA_DIR if it holds a known layout. Otherwise, with DATA_DIR left at its default and
     DEMO on, the synthetic set under data/synthetic/, made once by rank 0; a DATA_DIR the user
@@ -587,7 +607,7 @@ def prepare_data(config, named, rank=0):
     created in it."""
     if data_folder.has_data(config["DATA_DIR"]):
         return config
-    if not config["DEMO"] or "DATA_DIR" in named or config["DATA_DIR"] != DEMO_DATA_DIR:
+    if not demo_runs(config, named):
         raise SystemExit(f"error: DATA_DIR: {data_folder.layout_error(config['DATA_DIR'])}")
     root = Path(config["DATA_DIR"]) / "synthetic"
     log = silent if rank else print

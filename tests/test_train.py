@@ -198,3 +198,25 @@ def test_runs_whose_checkpoint_folders_share_a_name_keep_their_pictures_apart(tm
     first = settings.pictures_folder(train.parse_settings([*tiny_args(tmp_path, synthetic_root, 1),
                                                             f"--CHECKPOINT_DIR={tmp_path / 'r1' / 'checkpoints'}"])[0])
     assert {path.name: path.read_bytes() for path in first.glob("*.png")} == pictures["r1"]  # r2 deleted nothing
+
+
+def test_a_newcomers_commands_in_order_demo_predict_own_folder_its_predict(tmp_path, monkeypatch, synthetic_root):
+    import shutil
+
+    import predict
+
+    monkeypatch.setattr(train, "DEMO_DATA", {"cars": 3, "size": (96, 64), "seed": 0})
+    monkeypatch.setattr(train, "DEMO_SETTINGS", {**train.DEMO_SETTINGS, "FEATURES": (8, 16), "NUM_EPOCHS": 4})
+    monkeypatch.chdir(tmp_path)  # a fresh clone: data/ empty, nothing trained yet
+    small = ["--IMAGE_HEIGHT=32", "--IMAGE_WIDTH=48", "--NUM_WORKERS=0"]
+    train.main(small)  # python train.py: the demo
+    assert (tmp_path / "checkpoints" / "demo" / "best.pt").is_file()
+    assert predict.main(["--checkpoint", "checkpoints/demo/best.pt", "--input", "checkpoints/demo/val_files.txt",
+                         "--masks", "data/synthetic/train_masks", "--workers", "0"]) == 0
+    shutil.copytree(synthetic_root, tmp_path / "photos")
+    own = ["--DATA_DIR=photos", "--FEATURES=8,16", "--NUM_EPOCHS=4", "--BATCH_SIZE=4", "--LEARNING_RATE=0.005"]
+    train.main([*own, *small])  # your own folder, right after the demo
+    assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["config"]["DATA_DIR"] == "photos"
+    assert predict.main(["--checkpoint", "checkpoints/best.pt", "--input", "photos/train", "--workers", "0"]) == 0
+    assert len(list((tmp_path / "saved_images" / "checkpoints" / "best_predictions").glob("*_mask.png"))) == 16
+    assert train.main(["--LOAD_MODEL=true", "--NUM_EPOCHS=5", *small])["config"]["DATA_DIR"] == "photos"  # its resume
