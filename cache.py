@@ -58,7 +58,8 @@ class ResizedCache:
         reserved first, so a full disk is an OSError here, never a crash while the arrays are filled;
         whatever stops the build, its temporary files go (or, after kill -9, with the next build)."""
         from numpy.lib.format import open_memmap
-        from tqdm.auto import tqdm
+
+        from progress import tqdm
 
         self.folder.mkdir(parents=True, exist_ok=True)
         count, (height, width) = len(self.samples), self.size

@@ -159,7 +159,7 @@ def scan_pairs(image_dir, mask_dir, progress=True, checks=None):
     threads; a progress bar on large folders) to see that it is a mask of its image's displayed
     size; checks (a MaskChecks) skips the decoding of masks checked in an earlier run. Returns
     (samples, a ScanReport)."""
-    from tqdm.auto import tqdm
+    from progress import tqdm
 
     image_dir, mask_dir = Path(image_dir), Path(mask_dir)
     images, report = visible_files(image_dir), ScanReport()

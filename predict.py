@@ -16,7 +16,6 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 import data_folder
 import image_files
@@ -25,6 +24,7 @@ import settings
 from dataset import to_tensor, val_transform
 from files import InUse, WriteError, exclusive, not_a_folder, write_bytes, write_text
 from pictures import WorstImages, overlay
+from progress import tqdm
 from submission import (
     RowEncoder,
     Submission,

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 import data_folder
 import dataset
@@ -32,6 +31,7 @@ from cache import split_cache
 from files import InUse, exclusive, make_run_folder, replacing, write_text
 from model import UNet
 from pictures import WorstImages, save_training_curves
+from progress import tqdm
 from utils import (
     CheckpointError,
     ExponentialMovingAverage,
