@@ -250,7 +250,7 @@ def layout_error(data_dir):
     """One line for a data_dir without data: the layouts it may hold and what it holds instead."""
     root = Path(data_dir)
     accepted = ("it must hold train/ + train_masks/ (Carvana's), train_images/ + train_masks/ + val_images/ + "
-                "val_masks/, images/ + masks/, or imgs/ + masks/ (see README, Data layouts)")
+                "val_masks/, images/ + masks/, or imgs/ + masks/ (see README, Your data)")
     if not root.exists():
         return f"{root} does not exist; {accepted}"
     if not root.is_dir():

@@ -220,3 +220,15 @@ def test_a_newcomers_commands_in_order_demo_predict_own_folder_its_predict(tmp_p
     assert predict.main(["--checkpoint", "checkpoints/best.pt", "--input", "photos/train", "--workers", "0"]) == 0
     assert len(list((tmp_path / "saved_images" / "checkpoints" / "best_predictions").glob("*_mask.png"))) == 16
     assert train.main(["--LOAD_MODEL=true", "--NUM_EPOCHS=5", *small])["config"]["DATA_DIR"] == "photos"  # its resume
+
+
+def test_every_readme_section_the_code_points_to_exists():
+    import re
+
+    from conftest import ROOT
+
+    headings = {line.lstrip("#").strip() for line in (ROOT / "README.md").read_text().splitlines()
+                if line.startswith("#")}
+    pointed = {match for path in [*ROOT.glob("*.py"), ROOT / "Carvana_UNet.ipynb"]
+               for match in re.findall(r"README[:,] ([A-Z][\w ',-]*\w)", path.read_text())}
+    assert "Your data" in pointed and pointed <= headings, pointed - headings
