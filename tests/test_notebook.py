@@ -91,7 +91,7 @@ def test_run_all_trains_the_demo_then_a_rerun_continues(tmp_path, monkeypatch):
     assert "MAKE_SUBMISSION is False" in printed
     assert len(outputs(cells, "image/png")) >= 2  # curves, predictions, worst images
     assert len(outputs(cells, "image/jpeg")) >= 1  # full-resolution overlays
-    assert len(list((repository / "saved_images" / "checkpoints" / "predictions").glob("*_mask.png"))) >= 1
+    assert len(list((repository / "saved_images" / "checkpoints").glob("predictions_epoch1/*_mask.png"))) >= 1
 
     # After a disconnect: Run all again continues from last.pt instead of starting over.
     printed = "".join(outputs(run_notebook(repository), "text"))
