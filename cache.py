@@ -58,7 +58,8 @@ class ResizedCache:
         reserved first, so a full disk is an OSError here, never a crash while the arrays are filled;
         whatever stops the build, its temporary files go (or, after kill -9, with the next build)."""
         from numpy.lib.format import open_memmap
-        from tqdm.auto import tqdm
+
+        from progress import tqdm
 
         self.folder.mkdir(parents=True, exist_ok=True)
         count, (height, width) = len(self.samples), self.size
@@ -153,6 +154,14 @@ class _Decoded(Dataset):
 UNCACHED_PIXELS = 640 * 960
 
 
+def amount(size):
+    """Bytes in the unit that shows them: 1.2 GiB, 340 MiB, 96 KiB (never "0.0 GiB")."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}" if size < 10 * scale else f"{size / scale:.0f} {unit}"
+    return f"{size} bytes"
+
+
 def split_cache(samples, name, folder, size, builds, workers=0):
     """The ResizedCache of a split (name: "train" or "val") in folder, built here if `builds` (one
     process per machine) and held while this run reads it; None when it cannot be written or would
@@ -161,7 +170,7 @@ def split_cache(samples, name, folder, size, builds, workers=0):
     cache = ResizedCache(folder, name, samples, size)
     if size[0] * size[1] >= UNCACHED_PIXELS:
         if builds and name == "train":
-            print(f"not caching {size[0]}x{size[1]} images ({cache.bytes_needed() * 2**-30:.2f} GiB for the training "
+            print(f"not caching {size[0]}x{size[1]} images ({amount(cache.bytes_needed())} for the training "
                   f"ones): at this size the model, not the decoder, sets the pace", file=sys.stderr)
         return None
     if builds and not cache.ready():
@@ -170,9 +179,9 @@ def split_cache(samples, name, folder, size, builds, workers=0):
             make_run_folder(folder)
             free = shutil.disk_usage(folder).free
             if free < 1.2 * needed:  # a margin for the checkpoints and everything else on that disk
-                raise OSError(f"{free / 2**30:.1f} GiB free, it needs {needed / 2**30:.1f} GiB")
+                raise OSError(f"{amount(free)} free, it needs {amount(needed)}")
             print(f"caching the {len(samples)} {name} images at {size[0]}x{size[1]} in {folder}: "
-                  f"{needed / 2**30:.2f} GiB of its {free / 2**30:.1f} GiB free, once", file=sys.stderr)
+                  f"{amount(needed)} of its {amount(free)} free, once", file=sys.stderr)
             cache.build(workers)
         except OSError as error:
             print(f"warning: cannot cache the {name} images in {folder} ({error.strerror or error}): decoding "

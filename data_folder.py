@@ -5,6 +5,7 @@ import json
 import os
 import random
 import sys
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,7 +159,7 @@ def scan_pairs(image_dir, mask_dir, progress=True, checks=None):
     threads; a progress bar on large folders) to see that it is a mask of its image's displayed
     size; checks (a MaskChecks) skips the decoding of masks checked in an earlier run. Returns
     (samples, a ScanReport)."""
-    from tqdm.auto import tqdm
+    from progress import tqdm
 
     image_dir, mask_dir = Path(image_dir), Path(mask_dir)
     images, report = visible_files(image_dir), ScanReport()
@@ -167,7 +168,9 @@ def scan_pairs(image_dir, mask_dir, progress=True, checks=None):
         return [], report
     names = mask_names(mask_dir)
     pairs = [(image, find_mask(image, mask_dir, names)) for image in images]
-    found = [pair for pair in pairs if pair[1] is not None]
+    claimed = Counter(mask for _, mask in pairs if mask is not None)
+    shared = {mask: [image.name for image, other in pairs if other == mask] for mask, count in claimed.items() if count > 1}
+    found = [pair for pair in pairs if pair[1] is not None and pair[1] not in shared]
     checks = checks or MaskChecks()
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # decoders release the GIL
         results = pool.map(check_pair, [image for image, _ in found], [mask for _, mask in found],
@@ -179,6 +182,11 @@ def scan_pairs(image_dir, mask_dir, progress=True, checks=None):
         if mask_path is None:
             report.skipped.append((image_path, f"no mask for it in {mask_dir}"))
             continue
+        if mask_path in shared:  # x.jpg and x.png: which photo the mask was drawn on cannot be told
+            others = ", ".join(name for name in shared[mask_path] if name != image_path.name)
+            reason = f"its mask {mask_path.name} is also the mask of {others}: rename the photo that is not its own"
+            report.skipped.append((image_path, reason))
+            continue
         checked = next(results)
         if checked.skipped:
             report.skipped.append(checked.skipped)
@@ -186,7 +194,7 @@ def scan_pairs(image_dir, mask_dir, progress=True, checks=None):
         samples.append(checked.sample)
         if checked.empty_mask:
             report.empty_masks.append(mask_path)
-    used, stems, mask_of = {mask for _, mask in found}, {p.stem: p for p in images}, dict(found)
+    used, stems, mask_of = {mask for _, mask in pairs}, {p.stem: p for p in images}, dict(found)
     for mask_path in visible_files(mask_dir):
         if mask_path in used:
             continue
@@ -242,7 +250,7 @@ def layout_error(data_dir):
     """One line for a data_dir without data: the layouts it may hold and what it holds instead."""
     root = Path(data_dir)
     accepted = ("it must hold train/ + train_masks/ (Carvana's), train_images/ + train_masks/ + val_images/ + "
-                "val_masks/, images/ + masks/, or imgs/ + masks/ (see README, Data layouts)")
+                "val_masks/, images/ + masks/, or imgs/ + masks/ (see README, Your data)")
     if not root.exists():
         return f"{root} does not exist; {accepted}"
     if not root.is_dir():

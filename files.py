@@ -1,7 +1,9 @@
 """Files that survive a kill at any instant: each is written whole under a temporary name beside it
 and renamed over the old one, so a reader sees the old file or the new one, never a mix; the
 temporary files of writers killed outright (kill -9, a Colab disconnect) are cleared by the next
-write of the same name. Locks tell whether another process is using a file."""
+write of the same name. Locks tell whether another process is using a file, and keep a second
+writer out of a run's folders and a submission file."""
+import errno
 import glob
 import os
 import tempfile
@@ -54,6 +56,63 @@ def replacing(path, mode="wb", **open_arguments):
 def write_text(path, text):
     with replacing(path, "w", encoding="utf-8", newline="") as stream:
         stream.write(text)
+
+
+def write_bytes(path, data):
+    with replacing(path) as stream:
+        stream.write(data)
+
+
+class WriteError(Exception):
+    """An output that could not be written (a full disk, a lost mount); the message names it and why."""
+
+
+class InUse(Exception):
+    """Another process holds what exclusive() was asked for; the message names it."""
+
+
+def lock_file(path):
+    """The lock file of a folder (inside it) or of a file (beside it, hidden)."""
+    path = Path(path)
+    return path / ".lock" if path.is_dir() else path.parent / f".{path.name}.lock"
+
+
+@contextmanager
+def exclusive(path, what):
+    """Hold `path` (an existing folder, or a file that may not exist yet) for this process alone
+    while the block runs: an advisory lock on its lock_file, which names the holder (its process id
+    and `what` it is doing) for the InUse message another process gets. The lock dies with its
+    process, kill -9 included, so a killed holder never blocks; the lock file goes at the end. An
+    OSError means that nothing can be written there (a read-only or full disk). Where locks are
+    missing (Windows, some network mounts) the block runs unlocked."""
+    path, name = Path(path), lock_file(path)
+    while True:
+        handle = os.open(name, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            if fcntl:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(handle, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(handle)
+            raise InUse(f"{path} is in use by {holder}") from None
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                os.close(handle)
+                raise
+        try:  # a holder that ended between our open and our lock removed that file: lock the new one
+            current = os.path.samestat(os.fstat(handle), os.stat(name))
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(handle)
+    try:
+        os.ftruncate(handle, 0)
+        os.write(handle, f"process {os.getpid()} ({what})\n".encode())
+        yield
+    finally:
+        name.unlink(missing_ok=True)  # while still locked: nobody else holds this file meanwhile
+        os.close(handle)
 
 
 def in_use(path, shared_ok=False):

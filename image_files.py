@@ -107,6 +107,12 @@ def decodes_whole(image, path):
 class FileCheck(NamedTuple):
     problem: str | None  # why the file cannot be used; None when it can
     size: tuple | None   # (width, height) as displayed
+    format: str | None = None  # Pillow's name of its format: "JPEG", "PNG", ...
+
+
+# The formats decoded at a reduced size for a small target (libjpeg's DCT-domain scaling): other
+# formats' decoders would decode whole and resize with another filter, 42 levels off the photo's own.
+REDUCED_FORMATS = {"JPEG", "MPO"}
 
 
 class MaskCheck(NamedTuple):
@@ -120,18 +126,20 @@ class DecodedMask(NamedTuple):
     problem: str | None        # why the file is not a mask
 
 
-def image_problem(path):
-    """A FileCheck of a photo: its header and its end are read, not its pixels."""
+def image_problem(path, photo=True):
+    """A FileCheck of a photo (or, with photo=False, of a mask): its header and its end are read, not
+    its pixels."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             return FileCheck("empty file (0 bytes)", None)
         with Image.open(path) as image:
-            size = displayed_size(image)
+            size, kind = displayed_size(image), "JPEG" if image.format == "MPO" else image.format
+            if photo and image.mode == "F":  # no range to scale it by: 0-1, 0-255 and HDR all occur
+                return FileCheck(f"a 32-bit floating-point {kind}: save it with 8 or 16 bits per channel", None)
             if not decodes_whole(image, path):
-                kind = "JPEG" if image.format == "MPO" else image.format
                 return FileCheck(f"truncated {kind} (file ends early)", None)
-        return FileCheck(None, size)
+        return FileCheck(None, size, image.format)
     except UnidentifiedImageError:
         return FileCheck("not an image (no known image format inside)", None)
     except DECODE_ERRORS as error:
@@ -255,7 +263,7 @@ def decode_mask(path):
 
 def mask_problem(path):
     """A MaskCheck of a mask file: it is decoded."""
-    problem = image_problem(path).problem
+    problem = image_problem(path, photo=False).problem
     if problem:
         return MaskCheck(problem, None, False)
     decoded = decode_mask(path)
@@ -278,10 +286,13 @@ def reduced_decode_flag(width, height, target):
 
 def read_image(path, flag=cv2.IMREAD_COLOR):
     """RGB uint8 array as displayed (EXIF orientation applied, the same for every format); raises
-    ValueError naming the file when it cannot be decoded. flag: cv2.IMREAD_COLOR or a reduced one."""
+    ValueError naming the file when it cannot be decoded. flag: cv2.IMREAD_COLOR or a reduced one,
+    which applies to REDUCED_FORMATS only."""
     try:
         with Image.open(path) as header:
             orientation = exif_orientation(header)
+            if header.format not in REDUCED_FORMATS:
+                flag = cv2.IMREAD_COLOR
             if header.format == "TIFF":  # cv2's libtiff turns TIFFs by itself, at full size only: Pillow
                 return pil_rgb(ImageOps.exif_transpose(header))
     except DECODE_ERRORS:

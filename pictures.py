@@ -4,16 +4,30 @@ from pathlib import Path
 
 import numpy as np
 
+from files import replacing
+
 
 def mask_to_rgb(mask):
     return np.repeat((np.asarray(mask) > 0).astype(np.uint8)[..., None] * 255, 3, axis=2)
 
 
-def overlay(image, mask, colour=(255, 0, 0), strength=0.45):
-    """The image with the mask tinted in a colour (RGB uint8 in and out)."""
-    out = image.astype(np.float32)
+TINTS = ((255, 0, 0), (0, 255, 0), (0, 90, 255), (255, 0, 255))  # red, green, blue, magenta
+
+
+def overlay(image, mask, colour=None, strength=0.45):
+    """The image with the mask tinted and outlined in a colour (RGB uint8 in and out); by default the
+    one of TINTS farthest from the masked pixels' mean colour, since a red tint vanishes on a red car."""
+    import cv2
+
     where = np.asarray(mask) > 0
+    if colour is None:
+        mean = image[where].mean(axis=0) if where.any() else np.zeros(3)
+        colour = max(TINTS, key=lambda tint: float(((np.array(tint) - mean) ** 2).sum()))
+    out = image.astype(np.float32)
     out[where] = out[where] * (1 - strength) + np.array(colour, np.float32) * strength
+    thickness = max(1, round(min(where.shape) / 400))  # 3 pixels on a 1280-high photo
+    inside = cv2.erode(where.view(np.uint8), np.ones((3, 3), np.uint8), iterations=thickness) > 0
+    out[where & ~inside] = colour  # the outline in full colour: the edge shows on any photo
     return out.astype(np.uint8)
 
 
@@ -41,7 +55,8 @@ def draw_panels(rows, path, gap=8, title_height=26):
             left += panel.shape[1] + gap
         top += height
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
+    with replacing(path) as stream:  # whole or absent
+        sheet.save(stream, format="PNG")
     return Path(path)
 
 
@@ -73,8 +88,11 @@ def save_training_curves(rows, path):
         axes.legend()
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        with replacing(path) as stream:  # whole or absent
+            figure.savefig(stream, format="png", dpi=100)
+    finally:
+        plt.close(figure)
 
 
 def difference_picture(truth, prediction):

@@ -4,9 +4,11 @@ python predict.py --checkpoint checkpoints/best.pt --input data/test [--masks da
 python predict.py --checkpoint checkpoints/best.pt --input data/test --submission submission.csv --no-images
 """
 import argparse
+import json
 import os
 import sys
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 from typing import NamedTuple
 
@@ -14,15 +16,24 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 import data_folder
 import image_files
 import memory
+import settings
 from dataset import to_tensor, val_transform
-from files import not_a_folder
+from files import InUse, WriteError, exclusive, not_a_folder, write_bytes, write_text
 from pictures import WorstImages, overlay
-from submission import RowEncoder, Submission, duplicate_names, rle_encode, submission_source, unusable_names
+from progress import tqdm
+from submission import (
+    RowEncoder,
+    Submission,
+    duplicate_names,
+    rle_encode,
+    source_changes,
+    submission_source,
+    unusable_names,
+)
 from utils import (
     THRESHOLDS,
     CheckpointError,
@@ -43,11 +54,27 @@ from utils import (
 ENCODER_THREADS = 2  # CPU threads making submission rows while the model runs
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line, without the usage before them."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python predict.py --help lists the options)\n")
+
+
+def default_output(checkpoint):
+    """saved_images/<the checkpoint's run>/<its name>_predictions: each model's masks in a folder of
+    their own (checkpoints/best.pt: saved_images/checkpoints/best_predictions), beside its run's pictures."""
+    checkpoint = Path(checkpoint)
+    run = settings.pictures_folder({"SAVED_IMAGES": "saved_images", "CHECKPOINT_DIR": checkpoint.parent})
+    return str(run / f"{checkpoint.stem}_predictions")
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="best.pt or last.pt written by train.py")
     parser.add_argument("--input", required=True, help="an image, a folder of images, or a .txt list of image paths")
-    parser.add_argument("--output", default="saved_images/predictions", help="folder for masks and overlays")
+    parser.add_argument("--output", help="folder for masks and overlays (default: saved_images/<the checkpoint's "
+                                         "folder>/<its name>_predictions, e.g. saved_images/checkpoints/best_predictions)")
     parser.add_argument("--threshold", type=float, help="probability cut-off (default: the checkpoint's)")
     parser.add_argument("--masks", help="folder of true masks (Carvana naming): print Dice, pixel accuracy, "
                                          "the best threshold, and draw the worst images")
@@ -69,6 +96,8 @@ def parse_args(argv):
         parser.error("--resume continues a --submission file: name it")
     if args.no_images and not (args.submission or args.masks):
         parser.error("--no-images without --submission or --masks would write nothing")
+    if args.output is None:
+        args.output = default_output(args.checkpoint)
     return args
 
 
@@ -129,8 +158,8 @@ def output_names(paths):
     def name(path):
         if depth[path] == 0:
             return path.stem
-        if path not in parts:  # not resolved: symbolic links keep their own names
-            parts[path] = Path(os.path.abspath(path)).parts
+        if path not in parts:  # not resolved: symbolic links keep their own names; no root, so never absolute
+            parts[path] = Path(os.path.abspath(path)).parts[1:]
         return "__".join(parts[path][-depth[path]:])
 
     while True:
@@ -152,11 +181,13 @@ class Photo(NamedTuple):
 
 class ImageFiles(Dataset):
     """Photos, decoded by loader workers while the model runs. An unreadable file comes back as a
-    Photo with its problem. `reduced`: no full-size image is needed, so JPEGs are decoded at libjpeg's
-    largest DCT-domain reduction that still covers the model's size (1918x1280 straight to 240x160)."""
+    Photo with its problem. The model sees each photo as training saw it, whatever else is asked:
+    a JPEG decoded at libjpeg's largest DCT-domain reduction that still covers the model's size
+    (1918x1280 straight to 240x160), so that submission rows and --masks scores come from the same
+    probabilities; the full-size photo is decoded as well only where masks, overlays or scores need it."""
 
-    def __init__(self, paths, image_size, keep_image, reduced=False):
-        self.paths, self.size, self.keep_image, self.reduced = paths, tuple(image_size), keep_image, reduced
+    def __init__(self, paths, image_size, keep_image):
+        self.paths, self.size, self.keep_image = paths, tuple(image_size), keep_image
         self.transform = val_transform()
 
     def __len__(self):
@@ -167,15 +198,14 @@ class ImageFiles(Dataset):
         checked = image_files.image_problem(path)
         if checked.problem:
             return Photo(path, None, None, None, checked.problem)
+        reduced = checked.format in image_files.REDUCED_FORMATS
         try:
-            if self.reduced:
-                (width, height), image = checked.size, None
-                small = image_files.load_image(path, self.size, checked.size)
-            else:
-                image = image_files.read_image(path)
-                (height, width), small = image.shape[:2], image_files.shrink_image(image, self.size)
+            image = image_files.read_image(path) if self.keep_image or not reduced else None
+            small = (image_files.load_image(path, self.size, checked.size) if reduced
+                     else image_files.shrink_image(image, self.size))
         except (OSError, ValueError, cv2.error):
             return Photo(path, None, None, None, "cannot decode image")
+        width, height = checked.size
         x = to_tensor(self.transform(image=small)["image"])
         return Photo(path, (height, width), x, image if self.keep_image else None)
 
@@ -288,8 +318,8 @@ class Outputs:
     def write(self, photo, mask, probability):
         if not self.args.no_images:
             output, name = Path(self.args.output), self.names[photo.path]
-            cv2.imwrite(str(output / f"{name}_mask.png"), mask.astype(np.uint8) * 255)
-            cv2.imwrite(str(output / f"{name}_overlay.jpg"), cv2.cvtColor(overlay(photo.image, mask), cv2.COLOR_RGB2BGR))
+            write_image(output / f"{name}_mask.png", mask.astype(np.uint8) * 255)
+            write_image(output / f"{name}_overlay.jpg", cv2.cvtColor(overlay(photo.image, mask), cv2.COLOR_RGB2BGR))
         if self.submission:
             self.submission.add(photo.path.name, rle_encode(mask))
         if self.scores:
@@ -310,6 +340,11 @@ def model_threads(workers):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    with ExitStack() as held:  # the output folder and the submission file: this run's alone while it writes
+        return run(args, held)
+
+
+def run(args, held):
     problem = output_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -324,29 +359,35 @@ def main(argv=None):
         print(f"error: {message}", file=sys.stderr)
         return 2
     threshold = args.threshold if args.threshold is not None else state.get("threshold", 0.5)
+    problem = path_problem(paths, args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     problem = input_problem(paths, args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1
     names = output_names(paths)
-    source = submission_source(args.checkpoint, state, threshold, args.tta) if args.submission else None
+    source = submission_source(args.checkpoint, state, threshold, args.tta)
+    problem = hold_outputs(args, held, source)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     submission = Submission(args.submission, args.resume, source) if args.submission else None
     if submission and submission.done:
         paths = [p for p in paths if p.name not in submission.done]
         print(f"resuming {args.submission}: {len(submission.done)} rows already written, {len(paths)} images to go")
     output = Path(args.output)
-    if not args.no_images:
-        output.mkdir(parents=True, exist_ok=True)
     scores = Scores() if args.masks else None
 
-    # Only submission rows wanted: decode at the model's size and encode rows off the main thread.
+    # Only submission rows wanted: no full-size decoding, and the rows encoded off the main thread.
     rows_only = args.no_images and scores is None
     keep_image = not args.no_images or scores is not None
     workers = default_workers(device) if args.workers is None else args.workers
     threads_before = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(model_threads(workers))
-    loader = DataLoader(ImageFiles(paths, state["image_size"], keep_image, reduced=rows_only),
+    loader = DataLoader(ImageFiles(paths, state["image_size"], keep_image),
                         batch_size=args.batch_size, num_workers=workers, collate_fn=as_list)
     encoder = RowEncoder(device, threshold, ENCODER_THREADS, 2 * args.batch_size) if rows_only else None
     outputs = Outputs(args, names, threshold, submission, scores, encoder)
@@ -368,6 +409,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"\ninterrupted after {outputs.finished} images{resume}", file=sys.stderr)
         return 130
+    except WriteError as error:  # a full disk or a lost mount: every file written so far is whole
+        print(f"\nerror: {error}{resume}", file=sys.stderr)
+        return 2
     except RuntimeError as error:
         if not is_out_of_memory(error):
             raise
@@ -386,6 +430,57 @@ def main(argv=None):
     return summarize(args, outputs, skipped, threshold, output)
 
 
+def hold_outputs(args, held, source):
+    """Take the submission file and the output folder for this run alone (files.exclusive), the
+    folder only for one model's outputs: why they cannot be written, in one line, or None."""
+    places = [("--submission", Path(args.submission))] if args.submission else []
+    if not args.no_images or args.masks:  # masks and overlays, or the gallery of the worst images
+        places.append(("--output", Path(args.output)))
+    for option, place in places:
+        try:
+            if option == "--output":
+                place.mkdir(parents=True, exist_ok=True)
+            held.enter_context(exclusive(place, "predict.py"))
+            if option == "--output" and not args.no_images:
+                problem = claim_folder(place, source)
+                if problem:
+                    return problem
+        except InUse as error:
+            return f"{option}: {error}; two runs writing it at once would mix their outputs: wait for it to end"
+        except OSError as error:
+            return f"{option} {place}: cannot write there ({error.strerror or error})"
+    return None
+
+
+def claim_folder(output, source):
+    """Keep one model's masks in a folder: the first run records its source (model, size, threshold,
+    TTA) there; a run with another is refused (why, in one line), as masks of two models mixed in one
+    folder cannot be told apart."""
+    record = output / ".source"
+    try:
+        saved = json.loads(record.read_text())
+    except (OSError, ValueError):
+        saved = None
+    changed = source_changes(saved, source) if isinstance(saved, dict) else []
+    if changed:
+        return (f"--output {output} holds the masks of another {changed} (by {saved.get('checkpoint')}): give this "
+                f"run another --output, or remove them")
+    if saved != source:
+        write_text(record, json.dumps(source, indent=1))
+    return None
+
+
+def write_image(path, pixels):
+    """An image file written whole (encoded in memory, then files.write_bytes), or WriteError."""
+    encoded, data = cv2.imencode(path.suffix, pixels)
+    if not encoded:
+        raise WriteError(f"cannot encode {path}")
+    try:
+        write_bytes(path, data.tobytes())
+    except OSError as error:
+        raise WriteError(f"cannot write {path} ({error.strerror or error})") from None
+
+
 def load_predictor(args, device):
     """(checkpoint state, Predictor), or CheckpointError saying why the checkpoint cannot predict."""
     # Read on the CPU: only the model goes to the device, not the optimizer and training weights.
@@ -395,6 +490,20 @@ def load_predictor(args, device):
                               f"checkpoint of the run (best.pt, last.pt)")
     model = model_from_checkpoint(state, device).to(memory_format=torch.channels_last)
     return state, Predictor(model, device, None if args.no_amp else autocast_dtype(device), args.tta)
+
+
+def path_problem(paths, args):
+    """Why --input or --masks names nothing usable (a misspelt path), in one line, or None."""
+    if not os.path.exists(args.input):
+        return f"--input {args.input}: no such file or folder"
+    if args.masks and not Path(args.masks).is_dir():
+        return f"--masks {args.masks}: no such folder"
+    if args.masks and paths:
+        names = data_folder.mask_names(args.masks)
+        if not any(data_folder.find_mask(path, args.masks, names) for path in paths):
+            return (f"--masks {args.masks} holds no mask of these {len(paths)} images (<image name>_mask.<ext> or "
+                    f"<image name>.<ext>, README: Your data), so nothing could be scored")
+    return None
 
 
 def input_problem(paths, args):
@@ -426,8 +535,11 @@ def summarize(args, outputs, skipped, threshold, output):
     if skipped:
         print(f"{len(skipped)} input(s) could not be read and were skipped (named above)", file=sys.stderr)
     if outputs.scores:
-        outputs.scores.report(threshold, args.masks, output.parent / "worst_predictions.png"
-                              if args.no_images else output / "worst_predictions.png")
+        try:
+            outputs.scores.report(threshold, args.masks, output / "worst_predictions.png")
+        except OSError as error:
+            print(f"error: cannot draw {output / 'worst_predictions.png'} ({error.strerror or error})", file=sys.stderr)
+            return 2
     if submission:
         print(f"submission: {args.submission} ({len(submission.done) + predicted} rows)")
         if skipped:  # Kaggle refuses a file without a row for every test image

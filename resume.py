@@ -1,6 +1,7 @@
 """Continuing a run (LOAD_MODEL) and never overwriting one: which checkpoint a resume reads, which
 settings come from it, that its photos are the same, and the history up to where it stopped."""
 import csv
+import io
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,7 +16,9 @@ RUN_SETTINGS = ("IMAGE_HEIGHT", "IMAGE_WIDTH", "BATCH_SIZE", "ACCUMULATE_STEPS",
                 "LEARNING_RATE", "WARMUP", "HEAD_LR_FACTOR", "LOSS", "SEED", "VAL_FRACTION", "FEATURES", "THRESHOLD",
                 "EMA_DECAY", "BATCHNORM_IMAGES", "CHANNELS_LAST", "SYNC_BATCHNORM")
 CONTINUED_SETTINGS = ("DATA_DIR", "NUM_EPOCHS")
-EARLIER_RUN_FILES = ("last.pt", "best.pt", "history.csv")
+# A folder holds an earlier run when it holds one of its checkpoints: history.csv and val_files.txt
+# are written before the first one, and without it they are of a run that saved nothing.
+EARLIER_RUN_FILES = ("last.pt", "best.pt")
 
 
 class Resumed(NamedTuple):
@@ -24,7 +27,7 @@ class Resumed(NamedTuple):
 
 
 def refuse_to_overwrite(checkpoints):
-    """A fresh run never replaces an earlier run's checkpoints or history."""
+    """A fresh run never replaces an earlier run's checkpoints (it takes over a folder without any)."""
     earlier = [name for name in EARLIER_RUN_FILES if (checkpoints / name).is_file()]
     if earlier:
         raise SystemExit(f"error: {checkpoints} holds an earlier run ({', '.join(earlier)}): continue it with "
@@ -38,13 +41,29 @@ def resume_file(checkpoints):
     return best if best.is_file() and not last.is_file() else last
 
 
-def read(checkpoints, device):
-    """The Resumed state that a LOAD_MODEL run continues from, or SystemExit saying why there is none."""
-    path = resume_file(checkpoints)
-    try:
-        state = load_checkpoint(path, device)
-    except CheckpointError as error:
-        raise SystemExit(f"error: cannot resume (LOAD_MODEL): {str(error).splitlines()[0]}") from None
+def read(checkpoints, device, log=print):
+    """The Resumed state that a LOAD_MODEL run continues from, or SystemExit saying why there is none.
+    A damaged last.pt (its checksums, utils.load_checkpoint) falls back to best.pt, saying so: it
+    holds a complete state too, of the same run, an epoch or more earlier."""
+    candidates = [path for path in dict.fromkeys((resume_file(checkpoints), checkpoints / "best.pt")) if path.is_file()]
+    if not candidates:
+        saved_nothing = " (its history.csv is of a run killed before it saved an epoch)" if (
+            checkpoints / "history.csv").is_file() else ""
+        raise SystemExit(f"error: cannot resume (LOAD_MODEL): {checkpoints} holds no checkpoint (last.pt or best.pt)"
+                         f"{saved_nothing}: start the run without --LOAD_MODEL=true")
+    problems = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path, device)
+        except CheckpointError as error:
+            problems.append(str(error).splitlines()[0])
+            continue
+        if problems:
+            log(f"warning: {problems[0]}; resuming from {path} instead ({state.get('epoch')} epochs done)")
+        break
+    else:
+        raise SystemExit(f"error: cannot resume (LOAD_MODEL): {'; '.join(problems)}; start a new run with another "
+                         f"--CHECKPOINT_DIR")
     if not all(all_finite(state.get(part, {}).values()) for part in ("model", "training_model")):
         raise SystemExit(f"error: cannot resume (LOAD_MODEL): {path} holds NaN or infinite weights (not written by "
                          f"this version, which never saves them); start a new run with another --CHECKPOINT_DIR")
@@ -109,9 +128,31 @@ def check_same_photos(resumed, train_samples, val_samples):
                              f"--CHECKPOINT_DIR")
 
 
+HISTORY_FIELDS = ["epoch", "train_loss", "val_loss", "dice", "pixel_accuracy", "learning_rate", "seconds"]
+PLOTTED_FIELDS = HISTORY_FIELDS[:5]  # what the curves need of each row
+
+
 def read_history(path, epochs_done):
-    """Rows of an earlier run's history.csv up to the epoch a resume starts from."""
+    """Rows of an earlier run's history.csv up to the epoch a resume starts from. A file that a
+    spreadsheet saved again with ; or tab separators and decimal commas is read as well; one that
+    is not a history is a one-line error (SystemExit) naming it."""
     if not path.is_file():
         return []
-    with open(path, newline="") as stream:
-        return [row for row in csv.DictReader(stream) if int(row["epoch"]) <= epochs_done]
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    header = text.partition("\n")[0]
+    separator = max((",", ";", "\t"), key=header.count)
+    rows = []
+    try:
+        for row in csv.DictReader(io.StringIO(text, newline=""), delimiter=separator):
+            row = {name: (row.get(name) or "").strip() for name in HISTORY_FIELDS}
+            if separator != ",":
+                row = {name: value.replace(",", ".") for name, value in row.items()}
+            for name in PLOTTED_FIELDS:
+                float(row[name])
+            if int(float(row["epoch"])) <= epochs_done:
+                rows.append({**row, "epoch": int(float(row["epoch"]))})
+    except (ValueError, TypeError, csv.Error):
+        raise SystemExit(f"error: cannot resume (LOAD_MODEL): {path} is not a history as train.py writes it (its first "
+                         f"line: {header[:70]!r}); restore it, or remove it (the curves then start at this "
+                         f"session's epochs)") from None
+    return rows

@@ -3,6 +3,7 @@ arguments (each read as its default's type), all checked before anything runs; o
 setting that is wrong."""
 import difflib
 import math
+import os
 import re
 from pathlib import Path
 
@@ -73,8 +74,16 @@ def convert(name, text, default):
 
 
 def pictures_folder(config):
-    """SAVED_IMAGES/<CHECKPOINT_DIR's name>: each run's pictures apart from other runs'."""
-    return Path(config["SAVED_IMAGES"]) / Path(config["CHECKPOINT_DIR"]).absolute().name
+    """SAVED_IMAGES/<CHECKPOINT_DIR's path from the folder SAVED_IMAGES is in> (the whole path where
+    CHECKPOINT_DIR is elsewhere): each run's pictures apart from every other run's, as r1/checkpoints
+    and r2/checkpoints share a name but not a path."""
+    saved = Path(config["SAVED_IMAGES"])
+    checkpoints = Path(os.path.abspath(config["CHECKPOINT_DIR"]))
+    try:
+        parts = checkpoints.relative_to(Path(os.path.abspath(saved)).parent).parts
+    except ValueError:
+        parts = checkpoints.parts[1:]  # without the root (or drive), so the path stays under SAVED_IMAGES
+    return saved.joinpath(*parts) if parts else saved / checkpoints.name
 
 
 def check(config):
@@ -105,10 +114,6 @@ def check(config):
         fail(f"NUM_WORKERS must be auto or a count of 0 or more, got {workers!r}")
     if not config["FEATURES"] or min(config["FEATURES"]) < 1:
         fail(f"FEATURES must be one or more positive channel counts such as 64,128,256,512, got {config['FEATURES']}")
-    levels = len(config["FEATURES"])
-    if min(config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]) < 2**levels:
-        fail(f"IMAGE_HEIGHT and IMAGE_WIDTH must be at least {2**levels} for a {levels}-level UNet, "
-             f"got {config['IMAGE_HEIGHT']}x{config['IMAGE_WIDTH']}")
     if config["LOSS"] not in ("lovasz", "dice"):
         fail(f"LOSS must be lovasz or dice, got {config['LOSS']!r}")
     if config["AMP_DTYPE"] not in ("auto", "float16", "bfloat16"):
@@ -119,6 +124,23 @@ def check(config):
     for name, folder in (("CHECKPOINT_DIR", config["CHECKPOINT_DIR"]), ("SAVED_IMAGES", pictures_folder(config))):
         if not_a_folder(folder):
             fail(f"{name}: {not_a_folder(folder)} is a file, so no folder can be made at {folder}")
+    try:
+        get_device(config["DEVICE"])
+    except ValueError as error:
+        fail(f"DEVICE: {error}")
+    if not config.get("LOAD_MODEL"):  # a resume's sizes and model are its run's: checked once they are known
+        check_sizes(config)
+
+
+def check_sizes(config):
+    """The image, crop and model sizes fit each other: SystemExit with one line naming them."""
+    def fail(message):
+        raise SystemExit(f"error: {message}")
+
+    levels = len(config["FEATURES"])
+    if min(config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]) < 2**levels:
+        fail(f"IMAGE_HEIGHT and IMAGE_WIDTH must be at least {2**levels} for a {levels}-level UNet, "
+             f"got {config['IMAGE_HEIGHT']}x{config['IMAGE_WIDTH']}")
     crop = config["CROP_HEIGHT"], config["CROP_WIDTH"]
     if crop != (0, 0):
         if min(crop) < 2**levels or crop[0] > config["IMAGE_HEIGHT"] or crop[1] > config["IMAGE_WIDTH"]:
@@ -131,7 +153,3 @@ def check(config):
         fail(f"IMAGE_HEIGHT x IMAGE_WIDTH {config['IMAGE_HEIGHT']}x{config['IMAGE_WIDTH']} leaves the {levels}-level "
              f"UNet's bottleneck one pixel, where BatchNorm has one value per channel from a 1-image batch: "
              f"make one side at least {2 ** (levels + 1)}")
-    try:
-        get_device(config["DEVICE"])
-    except ValueError as error:
-        fail(f"DEVICE: {error}")

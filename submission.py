@@ -1,7 +1,9 @@
 """Kaggle's submission file: run-length rows (encoded here, with their decoder), made beside the model
 and appended one by one, resumable after any interruption and never mixed with another model's rows."""
 import hashlib
+import itertools
 import json
+import re
 import shutil
 import sys
 from collections import Counter, deque
@@ -11,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from files import replacing, write_text
+from files import WriteError, replacing, write_text
 from utils import resize_on_device, resize_probability
 
 SUBMISSION_HEADER = "img,rle_mask\n"
@@ -84,25 +86,39 @@ def rows_on_device(probability, sizes, threshold):
     return rows
 
 
+def source_changes(saved, source):
+    """What differs between two submission_source records, in words ("" when nothing does): rows or
+    masks of both do not belong in one file or folder."""
+    changed = [name for name in source if name != "checkpoint" and saved.get(name) != source[name]]
+    return "model" if changed == ["model"] else ", ".join(changed)
+
+
+ROW = re.compile(r"[^,\r\n]+,[0-9 ]*\r?\n?")  # a row of rle_encode's text
+
+
 class Submission:
     """img,rle_mask rows appended and flushed one by one, so the file only grows by whole rows; a
-    resume drops a row cut off by the interruption with one atomic replacement. Beside it,
-    `<file>.source` records the model and options that made its rows: a resume with others is refused."""
+    resume drops a row cut off by the interruption with one atomic replacement, and puts back a
+    header that a full disk kept from being written. Beside it, `<file>.source` records the model
+    and options that made its rows: a resume with others is refused. The caller holds the file
+    (files.exclusive) while it writes: two writers would interleave their rows."""
 
     def __init__(self, path, resume, source):
         self.path, self.done = Path(path), set()
         record = self.path.with_name(f"{self.path.name}.source")
         if self.path.exists() and not resume:
             raise SystemExit(f"error: {self.path} exists: pass --resume to continue it, or remove it")
-        if resume and self.path.exists():
-            self.check_source(record, source)
-            self.done = self.complete_rows()
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_text(record, json.dumps(source, indent=1))
-            with open(self.path, "x") as stream:
-                stream.write(SUBMISSION_HEADER)
-        self.stream = open(self.path, "a", buffering=1)  # noqa: SIM115  (closed in close())
+        try:
+            if resume and self.path.exists():
+                self.check_source(record, source)
+                self.done = self.complete_rows()
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                write_text(record, json.dumps(source, indent=1))
+                write_text(self.path, SUBMISSION_HEADER)  # whole or absent, never a file without its header
+            self.stream = open(self.path, "a", buffering=1)  # noqa: SIM115  (closed in close())
+        except OSError as error:
+            raise WriteError(f"cannot write {self.path} ({error.strerror or error})") from None
 
     def check_source(self, record, source):
         try:
@@ -111,39 +127,49 @@ class Submission:
             print(f"warning: {record} is missing, so nothing tells which model wrote the rows in {self.path}: "
                   f"continuing them with {source['checkpoint']}", file=sys.stderr)
             return
-        changed = [name for name in source if name != "checkpoint" and saved.get(name) != source[name]]
+        changed = source_changes(saved, source)
         if changed:
-            what = "model" if changed == ["model"] else ", ".join(changed)
-            raise SystemExit(f"error: {self.path} holds rows made with another {what} (by {saved.get('checkpoint')}"
+            raise SystemExit(f"error: {self.path} holds rows made with another {changed} (by {saved.get('checkpoint')}"
                              f"): resuming it with {source['checkpoint']} would mix two models; write a new file")
 
     def complete_rows(self):
-        """Names of the complete rows; a cut-off last row is dropped (the file atomically replaced)."""
-        done, length = set(), 0
+        """Names of the complete rows; a cut-off last row is dropped, and a header lost to a full disk
+        (a file empty, cut within its header, or holding rows without it) put back, in one atomic
+        replacement."""
+        done = set()
         with open(self.path, newline="") as stream:
             first = stream.readline()
-            if first and first != SUBMISSION_HEADER:
+            if first == SUBMISSION_HEADER:
+                missing, lines, kept = "", stream, len(first.encode())
+            elif SUBMISSION_HEADER.startswith(first):  # empty, or cut within the header: no row yet
+                missing, lines, kept = SUBMISSION_HEADER, (), 0
+            elif ROW.fullmatch(first):
+                missing, lines, kept = SUBMISSION_HEADER, itertools.chain([first], stream), 0
+            else:
                 raise SystemExit(f"error: {self.path} is not a submission (its first line is not img,rle_mask)")
-            length = len(first.encode()) if first.endswith("\n") else 0
-            for line in stream:
+            for line in lines:
                 if not line.endswith("\n"):
                     break
                 done.add(line.split(",", 1)[0])
-                length += len(line.encode())
-        if length != self.path.stat().st_size:
+                kept += len(line.encode())
+        if missing or kept != self.path.stat().st_size:
             with open(self.path, "rb") as source, replacing(self.path) as copy:
-                if length == 0:
-                    copy.write(SUBMISSION_HEADER.encode())
-                else:
-                    shutil.copyfileobj(LimitedReader(source, length), copy)
+                copy.write(missing.encode())
+                shutil.copyfileobj(LimitedReader(source, kept), copy)
         return done
 
     def add(self, name, text):
         """One row: the image's file name and its mask's run-length text."""
-        self.stream.write(f"{name},{text}\n")
+        try:
+            self.stream.write(f"{name},{text}\n")
+        except OSError as error:
+            raise WriteError(f"cannot write {self.path} ({error.strerror or error}); its complete rows are kept") from None
 
     def close(self):
-        self.stream.close()
+        try:
+            self.stream.close()
+        except OSError:  # the write that failed said so already; a cut row is dropped by --resume
+            pass
 
 
 class LimitedReader:

@@ -101,7 +101,7 @@ def make_synthetic(root, cars=24, angles=16, size=(1918, 1280), seed=0, progress
 
     size is (width, height), Carvana's 1918x1280 by default. Returns the number of images.
     """
-    from tqdm.auto import tqdm
+    from progress import tqdm
 
     root = Path(root)
     images, masks = root / "train", root / "train_masks"

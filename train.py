@@ -13,14 +13,13 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 import data_folder
 import dataset
@@ -29,9 +28,10 @@ import resume
 import settings
 import synthetic
 from cache import split_cache
-from files import make_run_folder, replacing, write_text
+from files import InUse, exclusive, make_run_folder, replacing, write_text
 from model import UNet
 from pictures import WorstImages, save_training_curves
+from progress import tqdm
 from utils import (
     CheckpointError,
     ExponentialMovingAverage,
@@ -55,7 +55,7 @@ from utils import (
 
 # ---- settings ---------------------------------------------------------------------------------
 DATA_DIR = "data"                 # train/ + train_masks/ (Carvana), train_images/ ... val_masks/, images/ + masks/ or imgs/ + masks/
-CHECKPOINT_DIR = "checkpoints"    # last.pt every epoch, best.pt on a new best Dice; on Colab a Drive folder
+CHECKPOINT_DIR = "checkpoints"    # last.pt every epoch, best.pt on a new best Dice (the demo: checkpoints/demo); on Colab a Drive folder
 IMAGE_HEIGHT = 160                # pixels the model sees; Carvana's photos are 1280 high
 IMAGE_WIDTH = 240                 # pixels the model sees; Carvana's photos are 1918 wide
 BATCH_SIZE = 8                    # images per micro-batch (README: Training recipe)
@@ -79,7 +79,7 @@ FEATURES = (64, 128, 256, 512)    # UNet channels per level; the bottleneck has 
 THRESHOLD = 0.5                   # probability above which a pixel counts as car, between 0 and 1
 EMA_DECAY = 0.99                  # validate and save an average of the weights (0 <= decay < 1; 0: the weights as trained)
 BATCHNORM_IMAGES = 256            # training images (unaugmented) that BatchNorm's statistics are recomputed on before each validation (0: off)
-SAVED_IMAGES = "saved_images"     # pictures of a run go to SAVED_IMAGES/<CHECKPOINT_DIR's name>/ (curves, predictions)
+SAVED_IMAGES = "saved_images"     # pictures of a run go to SAVED_IMAGES/<CHECKPOINT_DIR's path>/ (curves, predictions)
 DEMO = True                       # DATA_DIR left at "data" and no data there: generate synthetic cars, train with DEMO_SETTINGS
 CHANNELS_LAST = True              # NHWC memory format: faster convolutions with oneDNN and cuDNN tensor cores
 ACTIVATION_CHECKPOINTING = False  # recompute each UNet level in the backward pass: about a third more compute, far less memory
@@ -109,14 +109,47 @@ def main(argv=None, fast_paths=True):
     """fast_paths=False trains without the speed paths that change no result (reduced JPEG decoding,
     upsampling as one matrix product, fused Adam): bench.py's "before"."""
     config, named = parse_settings(sys.argv[1:] if argv is None else argv)
+    config = demo_folder(config, named)
     rank, world_size, device = setup_distributed(config)
     try:
-        result = run(config, named, rank, world_size, device, fast_paths)
-        wait_for_other_processes()  # the others wait while rank 0 draws its pictures, then all leave together
+        with holding_run_folders(config, rank):
+            result = run(config, named, rank, world_size, device, fast_paths)
+            wait_for_other_processes()  # the others wait while rank 0 draws its pictures, then all leave together
         return result
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"\n{interrupted(config)}", file=sys.stderr)
+        raise
     finally:
         if world_size > 1:
             dist.destroy_process_group()
+
+
+@contextmanager
+def holding_run_folders(config, rank):
+    """CHECKPOINT_DIR and the run's pictures folder, held by this run alone while it writes them:
+    a second run into either is refused in one line naming the first (two writers would overwrite
+    each other's checkpoints), and a folder that cannot be written stops the run before any
+    training. Rank 0 of a torchrun job writes them; the other processes hold nothing."""
+    if rank:
+        yield
+        return
+    with ExitStack() as held:
+        for name, folder in (("CHECKPOINT_DIR", Path(config["CHECKPOINT_DIR"])),
+                             ("SAVED_IMAGES", settings.pictures_folder(config))):
+            made = next((part for part in reversed((folder, *folder.parents)) if not part.exists()), None)
+            if made:  # a run stopped before writing anything (bad data, say) leaves no folder behind
+                held.callback(remove_unused, folder, made)
+            try:
+                make_run_folder(folder)
+                held.enter_context(exclusive(folder, "train.py"))
+            except InUse as error:
+                raise SystemExit(f"error: {name}: {error}; two runs in one folder would overwrite each other's "
+                                 f"files: wait for it to end, or give this run another --{name}") from None
+            except OSError as error:
+                raise SystemExit(f"error: {name}: cannot write in {folder} ({error.strerror or error}); give "
+                                 f"--{name} a folder this run can write") from None
+        yield
 
 
 def run(config, named, rank, world_size, device, fast_paths=True):
@@ -125,9 +158,10 @@ def run(config, named, rank, world_size, device, fast_paths=True):
     checkpoints = Path(config["CHECKPOINT_DIR"])
 
     # Settings: a resumed run keeps its own; the data folder is checked before the checkpoint folder.
-    resumed = resume.read(checkpoints, device) if config["LOAD_MODEL"] else None
+    resumed = resume.read(checkpoints, device, log) if config["LOAD_MODEL"] else None
     if resumed:
         config = resume.continue_settings(config, named, resumed, log)
+        settings.check_sizes(config)
     seed_everything(config["SEED"])
     config = prepare_data(config, named, rank)
     if not resumed:
@@ -201,7 +235,7 @@ def run(config, named, rank, world_size, device, fast_paths=True):
             record_epoch(config, epoch, train_loss, metrics, started, history, checkpoint, improved)
             # Matplotlib takes most of a second per drawing: redraw while training at most once a minute.
             if last or time.time() - curves_drawn > 60:
-                save_training_curves(history, curves)
+                draw_curves(history, curves)
                 curves_drawn = time.time()
 
     # Pictures of the validation images, and where everything is.
@@ -391,7 +425,8 @@ class TrainingState:
         elif saved_dtype != str(self.amp_dtype):
             log(f"mixed precision was {saved_dtype}, now {self.amp_dtype}: continuing"
                 f"{' with a fresh loss scale' if self.scaler.is_enabled() else ''}")
-        log(f"resumed from {resumed.path}: {state['epoch']} epochs done, best Dice {state['best_dice']:.4f}")
+        done = f"{state['epoch']} epoch{'s' * (state['epoch'] != 1)}"
+        log(f"resumed from {resumed.path}: {done} done, best Dice {state['best_dice']:.4f}")
         return state["epoch"], state["best_dice"]
 
     def finite(self):
@@ -489,9 +524,6 @@ def predicts_car(metrics):
     return metrics["images_predicted_car"] > 0 or metrics["images_with_car"] == 0
 
 
-HISTORY_FIELDS = ["epoch", "train_loss", "val_loss", "dice", "pixel_accuracy", "learning_rate", "seconds"]
-
-
 def record_epoch(config, epoch, train_loss, metrics, started, history, checkpoint, improved):
     """Print the epoch, add it to history.csv, save best.pt (improved) and then last.pt: a run
     killed between the two saves resumes from the older last.pt (from best.pt when there is none
@@ -526,7 +558,7 @@ def record_epoch(config, epoch, train_loss, metrics, started, history, checkpoin
 
 def write_history(rows, path):
     with replacing(path, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, HISTORY_FIELDS)
+        writer = csv.DictWriter(stream, resume.HISTORY_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
 
@@ -548,9 +580,28 @@ def stop_without_saving(checkpoints, reason):
                      f"{kept if kept.is_file() else 'none yet'}. Try a lower LEARNING_RATE.") from None
 
 
+def draw_curves(history, path):
+    """The training curves, redrawn while training; a failure (a full disk) is a warning, not the end
+    of a run whose checkpoints are saved."""
+    try:
+        save_training_curves(history, path)
+    except OSError as error:
+        print(f"warning: cannot draw {path} ({error.strerror or error}); training goes on", file=sys.stderr)
+
+
 def draw_pictures(state, loaders, config, history, worst, best_dice):
     """Four validation predictions of different cars, the training curves and the worst validation
-    images in SAVED_IMAGES/<CHECKPOINT_DIR's name>/; then where everything is."""
+    images in the run's own pictures folder (settings.pictures_folder); then where everything is.
+    A picture that cannot be written is one line naming the folder (the checkpoints are whole)."""
+    try:
+        draw_all_pictures(state, loaders, config, history, worst, best_dice)
+    except OSError as error:
+        reason = error.strerror or error
+        raise SystemExit(f"error: cannot draw the pictures in {settings.pictures_folder(config)} ({reason}); the "
+                         f"checkpoints in {config['CHECKPOINT_DIR']} are whole") from None
+
+
+def draw_all_pictures(state, loaders, config, history, worst, best_dice):
     pictures = settings.pictures_folder(config)
     images = loaders.val_images
     written = save_predictions_as_imgs(images, state.average.model, pictures, state.device,
@@ -583,6 +634,25 @@ def silent(*args, **kwargs):
     """print() for the processes of a torchrun job other than rank 0."""
 
 
+def demo_runs(config, named):
+    """Whether this run is the demo: DEMO on, DATA_DIR left at its default, and no data there."""
+    return (config["DEMO"] and "DATA_DIR" not in named and config["DATA_DIR"] == DEMO_DATA_DIR
+            and not data_folder.has_data(config["DATA_DIR"]))
+
+
+def demo_folder(config, named):
+    """The demo's run goes to CHECKPOINT_DIR/demo unless CHECKPOINT_DIR is given: the folder that a
+    run on your own photos takes next (and predict.py's checkpoints/best.pt) is never the demo's. A
+    resume continues the run in CHECKPOINT_DIR itself where there is one (your own run, resumed
+    while data/ is empty, or a demo of an earlier version)."""
+    checkpoints = Path(config["CHECKPOINT_DIR"])
+    if "CHECKPOINT_DIR" in named or not demo_runs(config, named):
+        return config
+    if config["LOAD_MODEL"] and resume.resume_file(checkpoints).is_file():
+        return config
+    return {**config, "CHECKPOINT_DIR": str(checkpoints / "demo")}
+
+
 def prepare_data(config, named, rank=0):
     """Use DATA_DIR if it holds a known layout. Otherwise, with DATA_DIR left at its default and
     DEMO on, the synthetic set under data/synthetic/, made once by rank 0; a DATA_DIR the user
@@ -590,7 +660,7 @@ def prepare_data(config, named, rank=0):
     created in it."""
     if data_folder.has_data(config["DATA_DIR"]):
         return config
-    if not config["DEMO"] or "DATA_DIR" in named or config["DATA_DIR"] != DEMO_DATA_DIR:
+    if not demo_runs(config, named):
         raise SystemExit(f"error: DATA_DIR: {data_folder.layout_error(config['DATA_DIR'])}")
     root = Path(config["DATA_DIR"]) / "synthetic"
     log = silent if rank else print
@@ -632,5 +702,43 @@ def setup_distributed(config):
     return dist.get_rank(), world_size, device
 
 
+def interrupted(config):
+    """What a run stopped by Ctrl-C has kept, and how to go on, in one line."""
+    kept = resume.resume_file(Path(config["CHECKPOINT_DIR"]))
+    if not kept.is_file():
+        return "interrupted before the first checkpoint was saved: the same command starts the run again"
+    return f"interrupted: the last good checkpoint is {kept}; the same command with --LOAD_MODEL=true continues the run"
+
+
+def remove_unused(folder, top):
+    """Remove a folder this run made and wrote nothing into, with the empty ones it made above it
+    up to `top`."""
+    if not folder.is_dir() or any(path.name != ".gitignore" for path in folder.iterdir()):
+        return
+    (folder / ".gitignore").unlink(missing_ok=True)
+    for part in (folder, *folder.parents):
+        try:
+            part.rmdir()
+        except OSError:
+            return
+        if part == top:
+            return
+
+
+def command_line():
+    """main() as a command: its one-line errors exit with status 2, as predict.py's do; Ctrl-C, having
+    said what is kept, with 130 and no traceback."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        return 130
+    except SystemExit as error:
+        if isinstance(error.code, str):
+            print(error.code, file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(command_line())

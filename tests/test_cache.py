@@ -162,3 +162,14 @@ def test_images_as_large_as_uncached_pixels_are_decoded_every_epoch_with_a_word(
     assert result["last"]["images"] > 0
     assert not list((tmp_path / "cache").glob("*.npy"))
     assert "not caching 32x48 images" in capsys.readouterr().err
+
+
+def test_a_disk_too_small_for_a_small_cache_says_how_small_in_a_unit_that_shows_it(synthetic_root, tmp_path,
+                                                                                     monkeypatch, capsys):
+    samples = scan(synthetic_root)
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(10**9, 10**9, 50_000))
+    assert cache.split_cache(samples, "train", tmp_path / "cache", (32, 48), builds=True) is None
+    needed = len(samples) * 32 * 48 * 5
+    assert f"(49 KiB free, it needs {needed / 1024:.0f} KiB): decoding every epoch" in capsys.readouterr().err
+    assert [cache.amount(n) for n in (512, 3 * 2**20 // 2, 2**31 + 2**29, 50 * 2**30)] == [
+        "512 bytes", "1.5 MiB", "2.5 GiB", "50 GiB"]

@@ -378,11 +378,11 @@ def test_jpeg_with_a_trailer_is_accepted_and_a_cut_one_is_not(tmp_path):
     jpeg(image, tmp_path / "whole.jpg")
     whole = (tmp_path / "whole.jpg").read_bytes()
     (tmp_path / "trailer.jpg").write_bytes(whole + b"SEFH" + bytes(range(256)) * 8 + b"\xff\xd8SEFT")  # as phones append
-    assert image_files.image_problem(tmp_path / "trailer.jpg") == (None, SIZE)
+    assert image_files.image_problem(tmp_path / "trailer.jpg")[:2] == (None, SIZE)
     assert np.array_equal(image_files.read_image(tmp_path / "trailer.jpg"), image_files.read_image(tmp_path / "whole.jpg"))
     for name, cut in (("half.jpg", whole[: len(whole) // 2]), ("no_end.jpg", whole[:-2])):
         (tmp_path / name).write_bytes(cut)
-        assert image_files.image_problem(tmp_path / name) == ("truncated JPEG (file ends early)", None)
+        assert image_files.image_problem(tmp_path / name)[:2] == ("truncated JPEG (file ends early)", None)
 
 
 def test_mask_checks_are_kept_between_runs_until_a_mask_changes(tmp_path, synthetic_root, monkeypatch):
@@ -404,3 +404,26 @@ def test_mask_checks_are_kept_between_runs_until_a_mask_changes(tmp_path, synthe
     gif_mask(np.zeros((128, 192), bool), changed)  # redrawn, all background: another size
     _, problems = data_folder.scan_pairs(root / "train", root / "train_masks", checks=data_folder.MaskChecks(stored))
     assert decoded == [changed] and problems.empty_masks == [changed]
+
+
+@pytest.mark.parametrize("suffix", [".png", ".gif", ".bmp"])
+def test_reduced_decoding_is_for_jpeg_only(tmp_path, suffix):
+    image, _ = synthetic_pairs()[0]
+    path = tmp_path / f"car{suffix}"
+    Image.fromarray(image).save(path)
+    whole = image_files.shrink_image(image_files.read_image(path), (40, 60))
+    assert np.array_equal(image_files.load_image(path, (40, 60)), whole)  # not cv2's reduced read and its filter
+    jpeg = tmp_path / "car.jpg"
+    Image.fromarray(image).save(jpeg, quality=95)
+    reduced = image_files.load_image(jpeg, (40, 60))
+    assert not np.array_equal(reduced, image_files.shrink_image(image_files.read_image(jpeg), (40, 60)))
+
+
+def test_a_32_bit_float_photo_is_refused_naming_why_not_read_as_black(tmp_path):
+    image, mask = synthetic_pairs()[0]
+    path = tmp_path / "car.tif"
+    Image.fromarray(image.mean(axis=2).astype(np.float32) / 255, mode="F").save(path)
+    assert image_files.image_problem(path).problem == ("a 32-bit floating-point TIFF: save it with 8 or 16 bits per "
+                                                       "channel")
+    Image.fromarray(mask.astype(np.float32), mode="F").save(tmp_path / "mask.tif")  # a float mask still reads
+    assert np.array_equal(image_files.read_mask(tmp_path / "mask.tif"), mask.astype(np.uint8))

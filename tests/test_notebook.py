@@ -80,6 +80,8 @@ def test_run_all_trains_the_demo_then_a_rerun_continues(tmp_path, monkeypatch):
 
     cells = run_notebook(repository)  # raises CellExecutionError, naming the cell, if any cell fails
     assert not [output for cell in cells for output in cell.get("outputs", []) if output["output_type"] == "error"]
+    warned = [output["text"] for cell in cells for output in cell.get("outputs", []) if output.get("name") == "stderr"]
+    assert not [text for text in warned if "Warning" in text], warned  # TqdmWarning: IProgress not found, say
     assert (repository / "checkpoints" / "best.pt").is_file()
     assert (repository / "data" / "synthetic" / "train").is_dir()  # no data: the demo ran
     printed = "".join(outputs(cells, "text"))
@@ -89,7 +91,7 @@ def test_run_all_trains_the_demo_then_a_rerun_continues(tmp_path, monkeypatch):
     assert "MAKE_SUBMISSION is False" in printed
     assert len(outputs(cells, "image/png")) >= 2  # curves, predictions, worst images
     assert len(outputs(cells, "image/jpeg")) >= 1  # full-resolution overlays
-    assert len(list((repository / "saved_images" / "checkpoints" / "predictions").glob("*_mask.png"))) >= 1
+    assert len(list((repository / "saved_images" / "checkpoints").glob("predictions_epoch1/*_mask.png"))) >= 1
 
     # After a disconnect: Run all again continues from last.pt instead of starting over.
     printed = "".join(outputs(run_notebook(repository), "text"))

@@ -8,7 +8,7 @@ import torch
 
 import resume
 import train
-from conftest import tiny_args
+from conftest import damage, tiny_args
 from utils import all_finite, load_checkpoint
 
 
@@ -56,7 +56,7 @@ def test_a_run_killed_after_its_first_best_pt_and_before_last_pt_resumes_from_be
     train.main(tiny_args(tmp_path, synthetic_root, 1))
     (tmp_path / "checkpoints" / "last.pt").unlink()  # the kill: best.pt saved, last.pt not yet linked
     train.main([*tiny_args(tmp_path, synthetic_root, 2), "--LOAD_MODEL=true"])
-    assert f"resumed from {tmp_path / 'checkpoints' / 'best.pt'}: 1 epochs done" in capsys.readouterr().out
+    assert f"resumed from {tmp_path / 'checkpoints' / 'best.pt'}: 1 epoch done" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 2
     rows = (tmp_path / "checkpoints" / "history.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in rows] == ["epoch", "1", "2"]
@@ -199,3 +199,79 @@ def test_the_notebook_can_ask_whether_a_checkpoint_holds_the_same_run(tmp_path, 
     assert conflicts(tiny_args(tmp_path, synthetic_root, 3, "--DEVICE=cpu")) == []
     assert conflicts(tiny_args(tmp_path, synthetic_root, 1, "--FEATURES=4,8,16", "--SEED=1")) == ["SEED", "FEATURES"]
     assert conflicts(tiny_args(tmp_path / "elsewhere", synthetic_root, 1)) == []
+
+
+def killed_at_the_first_save(monkeypatch):
+    """Make the next train.main die while it saves its first checkpoint, as kill -9 there would."""
+    def dying(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", dying)
+
+
+def test_a_run_killed_at_its_first_save_leaves_a_folder_that_a_fresh_run_takes(tmp_path, synthetic_root, capsys):
+    args = tiny_args(tmp_path, synthetic_root, 1)
+    with pytest.MonkeyPatch.context() as patch:
+        killed_at_the_first_save(patch)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(args)
+    folder = tmp_path / "checkpoints"
+    assert sorted(path.name for path in folder.glob("[!.]*")) == ["history.csv", "val_files.txt"]
+    with pytest.raises(SystemExit) as resumed:
+        train.main([*args, "--LOAD_MODEL=true"])
+    message = str(resumed.value.code)
+    assert "holds no checkpoint" in message and "start the run without --LOAD_MODEL" in message
+    train.main(args)  # what that message says: the fresh run takes the folder
+    assert load_checkpoint(folder / "last.pt")["epoch"] == 1
+    assert [row.split(",")[0] for row in (folder / "history.csv").read_text().splitlines()] == ["epoch", "1"]
+
+
+def separate(folder):
+    """Make best.pt a file of its own where it is last.pt's second name (an improved last epoch)."""
+    import shutil
+
+    shutil.copy(folder / "best.pt", folder / "copy.pt")
+    (folder / "copy.pt").replace(folder / "best.pt")
+
+
+def test_a_damaged_last_pt_resumes_from_best_pt_saying_so_and_two_are_one_line(tmp_path, synthetic_root, capsys):
+    train.main(tiny_args(tmp_path, synthetic_root, 1))
+    folder = tmp_path / "checkpoints"
+    separate(folder)
+    damage(folder / "last.pt")
+    train.main([*tiny_args(tmp_path, synthetic_root, 2), "--LOAD_MODEL=true"])
+    out = capsys.readouterr().out
+    assert f"warning: {folder / 'last.pt'} is damaged" in out and f"resuming from {folder / 'best.pt'} instead" in out
+    assert load_checkpoint(folder / "last.pt")["epoch"] == 2
+    separate(folder)
+    damage(folder / "last.pt")
+    damage(folder / "best.pt")
+    with pytest.raises(SystemExit) as stopped:
+        train.main([*tiny_args(tmp_path, synthetic_root, 3), "--LOAD_MODEL=true"])
+    message = str(stopped.value.code)
+    assert "\n" not in message and message.count("is damaged") == 2 and "another --CHECKPOINT_DIR" in message
+
+
+def test_a_history_saved_again_by_a_spreadsheet_with_semicolons_is_read(tmp_path, synthetic_root):
+    train.main(tiny_args(tmp_path, synthetic_root, 1))
+    history = tmp_path / "checkpoints" / "history.csv"
+    rows = history.read_text().splitlines()
+    history.write_text("\n".join(row.replace(",", ";").replace(".", ",") for row in rows) + "\n")
+    train.main([*tiny_args(tmp_path, synthetic_root, 2), "--LOAD_MODEL=true"])
+    again = history.read_text().splitlines()
+    assert again[0] == rows[0] and again[1] == rows[1] and again[2].startswith("2,")
+    history.write_text("not a history\n1\n")
+    with pytest.raises(SystemExit, match=rf"{history} is not a history as train.py writes it"):
+        train.main([*tiny_args(tmp_path, synthetic_root, 3), "--LOAD_MODEL=true"])
+
+
+def test_a_resume_that_restates_its_own_crop_is_accepted(tmp_path, synthetic_root, capsys):
+    folders = [a for a in tiny_args(tmp_path, synthetic_root, 1) if a.startswith(("--DATA_DIR", "--CHECKPOINT_DIR",
+                                                                                  "--CACHE_DIR", "--SAVED_IMAGES"))]
+    crop = ["--CROP_HEIGHT=192", "--CROP_WIDTH=256"]  # larger than the default IMAGE_HEIGHT x IMAGE_WIDTH
+    train.main([*tiny_args(tmp_path, synthetic_root, 1), "--IMAGE_HEIGHT=256", "--IMAGE_WIDTH=384", *crop])
+    result = train.main([*folders, "--NUM_WORKERS=0", "--LOAD_MODEL=true", "--NUM_EPOCHS=2", *crop])
+    assert result["config"]["IMAGE_HEIGHT"] == 256 and result["config"]["CROP_WIDTH"] == 256
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 2
+    with pytest.raises(SystemExit, match="holds another run's settings"):  # another crop is still refused
+        train.main([*folders, "--LOAD_MODEL=true", "--CROP_HEIGHT=128", "--CROP_WIDTH=256"])

@@ -159,7 +159,9 @@ def test_tta_and_threshold_search_are_reported(trained, synthetic_root, tmp_path
     assert predict.main([*args, "--output", str(tmp_path / "tta"), "--tta"]) == 0
     tta = capsys.readouterr().out
     assert "flip TTA" in tta and "best threshold on these images:" in plain
-    assert plain.split("full-resolution Dice")[1][:7] != tta.split("full-resolution Dice")[1][:7]
+    masks = [[cv2.imread(str(path), cv2.IMREAD_UNCHANGED) for path in sorted((tmp_path / run).glob("*_mask.png"))]
+             for run in ("plain", "tta")]
+    assert len(masks[0]) == 16 and any((a != b).any() for a, b in zip(*masks))  # the mirror image changed masks
     gallery = tmp_path / "plain" / "worst_predictions.png"
     with Image.open(gallery) as picture:
         assert picture.size[0] > 1000 and picture.size[1] > 1000  # 6 rows of 4 panels

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import settings
 import train
 from conftest import split_of, tiny_args
 from utils import load_checkpoint
@@ -101,7 +102,7 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, synthetic_root, capsys):
     first = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     result = train.main(tiny_args(tmp_path, synthetic_root, 2, "--LOAD_MODEL=true"))
     out = capsys.readouterr().out
-    assert "resumed from" in out and "1 epochs done" in out
+    assert "resumed from" in out and "1 epoch done" in out
     assert "epoch 1/2:" not in out and "epoch 2/2:" in out
     second = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert second["epoch"] == 2 and second["best_dice"] >= first["best_dice"]
@@ -110,7 +111,7 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, synthetic_root, capsys):
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, synthetic_root):
-    with pytest.raises(SystemExit, match="cannot resume.*last.pt: no such checkpoint"):
+    with pytest.raises(SystemExit, match="cannot resume.*holds no checkpoint \\(last.pt or best.pt\\)"):
         train.main(tiny_args(tmp_path, synthetic_root, 1, "--LOAD_MODEL=true"))
 
 
@@ -182,3 +183,52 @@ def test_help_gives_every_setting_its_meaning_and_a_misspelt_name_a_suggestion(c
         train.parse_settings(["--NUM_EPOCH=3"])
     with pytest.raises(SystemExit, match=r"unknown setting --learning_rate; did you mean --LEARNING_RATE\?"):
         train.parse_settings(["--learning_rate=3"])
+
+
+def test_runs_whose_checkpoint_folders_share_a_name_keep_their_pictures_apart(tmp_path, synthetic_root):
+    pictures = {}
+    for run, seed in (("r1", 1), ("r2", 2)):
+        arguments = [*tiny_args(tmp_path, synthetic_root, 1), f"--CHECKPOINT_DIR={tmp_path / run / 'checkpoints'}",
+                     f"--SEED={seed}"]
+        folder = settings.pictures_folder(train.parse_settings(arguments)[0])
+        assert folder == tmp_path / "saved_images" / run / "checkpoints"
+        train.main(arguments)
+        pictures[run] = {path.name: path.read_bytes() for path in folder.glob("*.png")}
+    assert len(pictures["r1"]) == len(pictures["r2"]) == 6  # 4 predictions, the curves, the gallery
+    first = settings.pictures_folder(train.parse_settings([*tiny_args(tmp_path, synthetic_root, 1),
+                                                            f"--CHECKPOINT_DIR={tmp_path / 'r1' / 'checkpoints'}"])[0])
+    assert {path.name: path.read_bytes() for path in first.glob("*.png")} == pictures["r1"]  # r2 deleted nothing
+
+
+def test_a_newcomers_commands_in_order_demo_predict_own_folder_its_predict(tmp_path, monkeypatch, synthetic_root):
+    import shutil
+
+    import predict
+
+    monkeypatch.setattr(train, "DEMO_DATA", {"cars": 3, "size": (96, 64), "seed": 0})
+    monkeypatch.setattr(train, "DEMO_SETTINGS", {**train.DEMO_SETTINGS, "FEATURES": (8, 16), "NUM_EPOCHS": 4})
+    monkeypatch.chdir(tmp_path)  # a fresh clone: data/ empty, nothing trained yet
+    small = ["--IMAGE_HEIGHT=32", "--IMAGE_WIDTH=48", "--NUM_WORKERS=0"]
+    train.main(small)  # python train.py: the demo
+    assert (tmp_path / "checkpoints" / "demo" / "best.pt").is_file()
+    assert predict.main(["--checkpoint", "checkpoints/demo/best.pt", "--input", "checkpoints/demo/val_files.txt",
+                         "--masks", "data/synthetic/train_masks", "--workers", "0"]) == 0
+    shutil.copytree(synthetic_root, tmp_path / "photos")
+    own = ["--DATA_DIR=photos", "--FEATURES=8,16", "--NUM_EPOCHS=4", "--BATCH_SIZE=4", "--LEARNING_RATE=0.005"]
+    train.main([*own, *small])  # your own folder, right after the demo
+    assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["config"]["DATA_DIR"] == "photos"
+    assert predict.main(["--checkpoint", "checkpoints/best.pt", "--input", "photos/train", "--workers", "0"]) == 0
+    assert len(list((tmp_path / "saved_images" / "checkpoints" / "best_predictions").glob("*_mask.png"))) == 16
+    assert train.main(["--LOAD_MODEL=true", "--NUM_EPOCHS=5", *small])["config"]["DATA_DIR"] == "photos"  # its resume
+
+
+def test_every_readme_section_the_code_points_to_exists():
+    import re
+
+    from conftest import ROOT
+
+    headings = {line.lstrip("#").strip() for line in (ROOT / "README.md").read_text().splitlines()
+                if line.startswith("#")}
+    pointed = {match for path in [*ROOT.glob("*.py"), ROOT / "Carvana_UNet.ipynb"]
+               for match in re.findall(r"README[:,] ([A-Z][\w ',-]*\w)", path.read_text())}
+    assert "Your data" in pointed and pointed <= headings, pointed - headings

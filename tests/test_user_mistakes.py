@@ -1,12 +1,13 @@
 """Ordinary mistakes and interruptions: one line, the right exit status, nothing lost."""
 import shutil
 
+import cv2
 import pytest
 import torch
 
 import predict
 import train
-from conftest import split_of, tiny_args
+from conftest import damage, read_only, split_of, tiny_args
 from utils import load_checkpoint, save_checkpoint
 
 
@@ -86,20 +87,28 @@ def test_unreadable_inputs_make_a_submission_fail_loudly(trained, synthetic_root
     assert "1 input(s) could not be read" in captured.err and "lacks the rows of the 1 skipped" in captured.err
 
 
-@pytest.mark.parametrize("case", ["other-model", "nan-weights"])
+CHECKPOINT_PROBLEMS = {"other-model": "this project's UNet", "nan-weights": "NaN or infinite",
+                       "damaged": "is damaged: archive/data/", "folder": "is a folder, not a checkpoint file"}
+
+
+@pytest.mark.parametrize("case", CHECKPOINT_PROBLEMS)
 def test_checkpoints_that_cannot_predict_are_one_line_errors(trained, synthetic_root, tmp_path, capsys, case):
     state = load_checkpoint(trained[0] / "checkpoints" / "best.pt")
     if case == "other-model":
         state["model_args"] = {"n_channels": 3, "n_classes": 1}  # another repository's UNet
-    else:
+    elif case == "nan-weights":
         state["model"] = {name: value * float("nan") if value.is_floating_point() else value
                           for name, value in state["model"].items()}
-    save_checkpoint(state, tmp_path / "x.pt")
+    if case == "folder":
+        (tmp_path / "x.pt").mkdir()
+    else:
+        save_checkpoint(state, tmp_path / "x.pt")
+    if case == "damaged":
+        damage(tmp_path / "x.pt")  # 4 bytes inside a weight: the model would load, its masks wrong
     status = predict.main(["--checkpoint", str(tmp_path / "x.pt"), "--input", str(synthetic_root / "train"),
                            "--output", str(tmp_path / "out"), "--workers", "0"])
     err = one_line_error(capsys)
-    assert status == 2 and str(tmp_path / "x.pt") in err
-    assert ("this project's UNet" if case == "other-model" else "NaN or infinite") in err
+    assert status == 2 and str(tmp_path / "x.pt") in err and CHECKPOINT_PROBLEMS[case] in err
     assert not (tmp_path / "out").exists()
 
 
@@ -214,3 +223,194 @@ def test_a_second_mask_and_a_broken_link_are_named_not_ignored(tmp_path, synthet
     assert reasons[mask.with_suffix(".GIF").name] == f"not used: {mask.stem.removesuffix('_mask')}.jpg has another mask, {mask.name}"
     assert reasons["moved.jpg"].startswith("a symbolic link to ") and reasons["moved.jpg"].endswith("which does not exist")
     assert len(samples) == 16
+
+
+
+def test_two_photos_claiming_one_mask_are_reported_and_neither_is_trained(tmp_path, synthetic_root, capsys):
+    import cv2
+
+    import data_folder
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    photos = sorted((root / "train").glob("*.jpg"))
+    claimed, other_car = photos[0], photos[-1]
+    cv2.imwrite(str(claimed.with_suffix(".png")), cv2.imread(str(other_car)))  # another car's photo, the same stem
+    samples, report = data_folder.scan_pairs(root / "train", root / "train_masks", progress=False)
+    reasons = {path.name: reason for path, reason in report.skipped}
+    mask = f"{claimed.stem}_mask.gif"
+    assert reasons[claimed.name] == f"its mask {mask} is also the mask of {claimed.stem}.png: rename the photo that is not its own"
+    assert reasons[f"{claimed.stem}.png"].startswith(f"its mask {mask} is also the mask of {claimed.name}")
+    assert len(samples) == 15 and claimed.stem not in {sample.image.stem for sample in samples}
+    data_folder.print_report(report)
+    assert f"{claimed.name}: its mask {mask}" in capsys.readouterr().err
+
+def test_outputs_on_a_read_only_mount_are_one_line_errors_before_anything_is_predicted(trained, synthetic_root,
+                                                                                     tmp_path, monkeypatch, capsys):
+    inputs = ["--input", str(synthetic_root / "train")]
+    (tmp_path / "mount").mkdir()
+    read_only(monkeypatch, tmp_path / "mount")
+    assert predict.main(predicting(trained, *inputs, "--output", str(tmp_path / "mount"))) == 2
+    assert one_line_error(capsys) == f"error: --output {tmp_path / 'mount'}: cannot write there (Read-only file system)"
+    assert predict.main(predicting(trained, *inputs, "--output", str(tmp_path / "mount" / "new"))) == 2
+    assert "cannot write there (Read-only file system)" in one_line_error(capsys)
+    submission = tmp_path / "mount" / "sub.csv"
+    assert predict.main(predicting(trained, *inputs, "--submission", str(submission), "--no-images")) == 2
+    assert f"--submission {submission}: cannot write there (Read-only file system)" in one_line_error(capsys)
+    assert sorted(path.name for path in (tmp_path / "mount").iterdir()) == []
+
+
+def test_a_full_disk_while_writing_masks_is_an_error_and_every_file_written_is_whole(trained, synthetic_root,
+                                                                                   tmp_path, monkeypatch, capsys):
+    import errno
+
+    real, written = predict.write_bytes, []
+
+    def filling_up(path, data):
+        if len(written) == 5:  # the sixth file does not fit
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+        written.append(path)
+
+    monkeypatch.setattr(predict, "write_bytes", filling_up)
+    output = tmp_path / "out"
+    assert predict.main(predicting(trained, "--input", str(synthetic_root / "train"), "--output", str(output))) == 2
+    captured = capsys.readouterr()
+    assert "wrote" not in captured.out and "Traceback" not in captured.err
+    assert captured.err.strip().splitlines()[-1].startswith("error: cannot write ") and "No space left" in captured.err
+    assert sorted(path.name for path in output.iterdir()) == sorted([".source", *(path.name for path in written)])
+    for path in written:  # whole: each decodes
+        assert cv2.imread(str(path)) is not None
+
+
+def test_a_full_disk_in_a_submission_is_one_line_and_resume_finishes_it(trained, synthetic_root, tmp_path,
+                                                                         monkeypatch, capsys):
+    import errno
+    import io
+
+    import submission as submission_module
+
+    class FillingUp(io.TextIOWrapper):
+        rows = 0
+
+        def write(self, text):
+            FillingUp.rows += 1
+            if FillingUp.rows > 5:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(text)
+
+    def opening(path, mode, **kwargs):  # the appending stream of the rows, on a disk that fills up
+        assert mode == "a"
+        return FillingUp(open(path, "ab"), line_buffering=True)
+
+    monkeypatch.setattr(submission_module, "open", opening, raising=False)
+    path = tmp_path / "sub.csv"
+    args = predicting(trained, "--input", str(synthetic_root / "train"), "--submission", str(path), "--no-images")
+    assert predict.main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"error: cannot write {path} (No space left on device); its complete rows are kept; the same command with "
+        f"--resume finishes {path}")
+    monkeypatch.undo()
+    assert predict.main([*args, "--resume"]) == 0
+    rows = path.read_text().splitlines()
+    assert rows[0] == "img,rle_mask" and len(rows) == 17 and len({row.split(",")[0] for row in rows}) == 17
+
+
+@pytest.mark.parametrize("start", ["empty", "rows without a header"])
+def test_a_submission_without_its_header_gets_it_back_on_resume(trained, synthetic_root, tmp_path, capsys, start):
+    path = tmp_path / "sub.csv"
+    args = predicting(trained, "--input", str(synthetic_root / "train"), "--submission", str(path), "--no-images")
+    assert predict.main(args) == 0
+    complete = path.read_text().splitlines()
+    path.write_text("" if start == "empty" else "\n".join(complete[1:6]) + "\n")  # as a full disk left it
+    assert predict.main([*args, "--resume"]) == 0
+    rows = path.read_text().splitlines()
+    assert rows[0] == "img,rle_mask" and sorted(rows) == sorted(complete)
+
+
+def test_a_second_submission_writer_is_refused_naming_the_first(trained, synthetic_root, tmp_path, capsys):
+    import signal
+
+    from test_locks import holder
+
+    path = tmp_path / "sub.csv"
+    args = predicting(trained, "--input", str(synthetic_root / "train"), "--submission", str(path), "--no-images")
+    first = holder(path)  # another process writing it
+    try:
+        assert predict.main(args) == 2
+        assert f"--submission: {path} is in use by process {first.pid}" in one_line_error(capsys)
+        assert not path.exists()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert predict.main(args) == 0  # the killed writer's lock blocks nobody
+    assert len(path.read_text().splitlines()) == 17
+
+
+def test_outputs_stay_under_output_whatever_the_input_paths():
+    from pathlib import Path
+
+    names = predict.output_names([Path("/bk_car.jpg"), Path("/photos/bk_car.jpg"), Path("/photos/car.png")])
+    assert names[Path("/photos/car.png")] == "car" and len(set(names.values())) == 3
+    for name in names.values():
+        assert not Path(name).is_absolute() and "/" not in name
+
+
+def test_each_model_masks_go_to_a_folder_of_their_own(trained, synthetic_root, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(trained[0] / "checkpoints", tmp_path / "run" / "checkpoints")
+    image = str(min((synthetic_root / "train").iterdir()))
+    for name in ("best", "last"):
+        assert predict.main(["--checkpoint", f"run/checkpoints/{name}.pt", "--input", image, "--workers", "0"]) == 0
+        assert f"to saved_images/run/checkpoints/{name}_predictions/" in capsys.readouterr().out
+    other = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    other["model"] = {name: value * 1.01 if value.is_floating_point() else value for name, value in other["model"].items()}
+    save_checkpoint(other, tmp_path / "other.pt")
+    output = tmp_path / "saved_images" / "run" / "checkpoints" / "best_predictions"
+    before = {path.name: path.read_bytes() for path in output.iterdir()}
+    assert predict.main(["--checkpoint", "other.pt", "--input", image, "--workers", "0", "--output", str(output)]) == 2
+    assert f"--output {output} holds the masks of another model (by run/checkpoints/best.pt)" in one_line_error(capsys)
+    assert {path.name: path.read_bytes() for path in output.iterdir()} == before
+
+
+def test_a_misspelt_masks_folder_or_missing_option_is_one_line_exit_2(trained, synthetic_root, tmp_path, capsys):
+    inputs = ["--input", str(synthetic_root / "train"), "--output", str(tmp_path / "out")]
+    assert predict.main(predicting(trained, *inputs, "--masks", str(synthetic_root / "train_mask"))) == 2
+    assert one_line_error(capsys) == f"error: --masks {synthetic_root / 'train_mask'}: no such folder"
+    (tmp_path / "other_masks").mkdir()
+    (tmp_path / "other_masks" / "another_car_mask.gif").write_bytes((synthetic_root / "train_masks").iterdir().__next__()
+                                                                    .read_bytes())
+    assert predict.main(predicting(trained, *inputs, "--masks", str(tmp_path / "other_masks"))) == 2
+    assert "holds no mask of these 16 images" in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as stopped:
+        predict.main(["--checkpoint", str(trained[0] / "checkpoints" / "best.pt")])
+    assert stopped.value.code == 2
+    assert one_line_error(capsys).startswith("error: the following arguments are required: --input")
+
+
+def test_ctrl_c_during_training_is_one_line_with_the_resume_hint(tmp_path, synthetic_root):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    arguments = [*tiny_args(tmp_path, synthetic_root, 200), "--NUM_WORKERS=1", "--CACHE_DIR="]  # loader processes
+    run = subprocess.Popen([sys.executable, "-u", "train.py", *arguments], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert any(line.startswith("epoch 2/200") for line in iter(run.stdout.readline, ""))
+        os.killpg(run.pid, signal.SIGINT)  # Ctrl-C reaches every process of the terminal's group
+        err = run.communicate(timeout=60)[1]
+    finally:
+        run.kill()
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and not line.startswith("epoch ")]
+    assert run.returncode == 130 and "Traceback" not in err, err
+    hint = (f"interrupted: the last good checkpoint is {tmp_path / 'checkpoints' / 'last.pt'}; the same command with "
+            f"--LOAD_MODEL=true continues the run")
+    assert lines == [hint], err

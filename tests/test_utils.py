@@ -161,3 +161,20 @@ def test_lovasz_hinge_is_zero_for_sure_right_masks_and_grows_with_the_wrong_pixe
     utils.lovasz_hinge(logits, target * 0.9).backward()  # soft targets are binarised at a half
     assert torch.isfinite(logits.grad).all() and (logits.grad[target > 0] < 0).all()
     assert torch.isfinite(utils.segmentation_loss(logits, target, "dice"))
+
+
+@pytest.mark.parametrize("paint", [(200, 20, 20), (20, 180, 30), (30, 40, 200), (240, 240, 240)],
+                         ids=["red", "green", "blue", "white"])
+def test_the_overlay_shows_on_a_car_of_any_colour(paint):
+    from pictures import overlay
+
+    image = np.full((120, 180, 3), 110, np.uint8)
+    mask = np.zeros((120, 180), np.uint8)
+    mask[30:90, 40:140] = 1
+    image[mask > 0] = paint
+    tinted = overlay(image, mask).astype(int)
+    change = np.abs(tinted - image.astype(int))[mask > 0].sum(axis=1)
+    assert change.mean() > 100  # the tint shows inside (a red tint moved a red car by 35 levels)
+    assert (tinted[mask == 0] == image[mask == 0]).all()  # the background as it was
+    edge = tinted[30, 60]
+    assert np.abs(edge - np.array(paint)).sum() > 200  # the outline in full colour

@@ -92,7 +92,8 @@ def test_predict_says_when_the_model_finds_no_car(tmp_path, synthetic_root, caps
     capsys.readouterr()
     status = predict.main(["--checkpoint", str(tmp_path / "checkpoints" / "last.pt"), "--input",
                            str(tmp_path / "checkpoints" / "val_files.txt"), "--masks",
-                           str(synthetic_root / "train_masks"), "--no-images", "--workers=0"])
+                           str(synthetic_root / "train_masks"), "--no-images", "--workers=0", "--output",
+                           str(tmp_path / "out")])
     captured = capsys.readouterr()
     assert status == 0 and "the model predicts no car on any of these 4 images" in captured.err
     assert "pass --threshold" not in captured.out
