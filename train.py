@@ -87,7 +87,7 @@ CACHE_DIR = "cache"               # decoded, resized uint8 copies of the data, m
 COMPILE = False                   # torch.compile the model in place: faster steps after a slow first one
 SYNC_BATCHNORM = False            # under torchrun: BatchNorm statistics over all processes' batches (CUDA)
 # -----------------------------------------------------------------------------------------------
-SETTING_NAMES = [name for name in globals() if name.isupper()]
+SETTING_NAMES = list(settings.meanings(__file__))  # the block above, whatever else the module defines
 
 # Sized so that a bare `python train.py` on a 2-core CPU finishes in a few minutes, bfloat16 or not
 # (README: What the demo reaches).
