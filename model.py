@@ -93,15 +93,20 @@ class UNet(nn.Module):
         return block(joined) if layers is None else run_layers(block, joined, layers)
 
     def level(self, function, *args):
-        """function(*args); with activation checkpointing the backward pass keeps only the level's
-        inputs and runs it again to get the rest (its BatchNorm statistics left alone the second time)."""
-        if not (self.activation_checkpointing and torch.is_grad_enabled()):
-            return function(*args)
-        if torch.compiler.is_compiling():  # the compiled backward recomputes without the forward's side effects
-            return checkpoint(function, *args, use_reentrant=False)
-        modules = [part for part in (function, *args) if isinstance(part, nn.Module)]
-        return checkpoint(function, *args, use_reentrant=False,
-                          context_fn=lambda: (nullcontext(), running_stats_kept(modules)))
+        return run_level(self.activation_checkpointing, function, *args)
+
+
+def run_level(checkpointing, function, *args):
+    """function(*args); with activation checkpointing the backward pass keeps only the level's
+    inputs and runs it again to get the rest (its BatchNorm statistics left alone the second time).
+    The level's modules are function and those among args."""
+    if not (checkpointing and torch.is_grad_enabled()):
+        return function(*args)
+    if torch.compiler.is_compiling():  # the compiled backward recomputes without the forward's side effects
+        return checkpoint(function, *args, use_reentrant=False)
+    modules = [part for part in (function, *args) if isinstance(part, nn.Module)]
+    return checkpoint(function, *args, use_reentrant=False,
+                      context_fn=lambda: (nullcontext(), running_stats_kept(modules)))
 
 
 def run_layers(block, x, layers):
