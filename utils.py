@@ -356,12 +356,17 @@ def load_checkpoint(path, device="cpu"):
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # torch raises many kinds for truncated or foreign files
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line})") from error
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(error)})") from error
     if not isinstance(state, dict) or "model" not in state or "model_args" not in state:
         raise CheckpointError(f"{path}: not a checkpoint written by train.py (no model/model_args)")
     state["model"] = clean_state_dict(state["model"])
     return state
+
+
+def first_line(error):
+    """The first line of an exception's message, or its class's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def clean_state_dict(state_dict):
@@ -379,18 +384,21 @@ def clean_state_dict(state_dict):
 
 
 def model_from_checkpoint(state, device="cpu"):
-    from model import UNet
+    """The checkpoint's model (a UNet or a ResNetUNet, from its model_args), in eval mode."""
+    from model import build_model
 
     try:
-        model = UNet(**state["model_args"])
+        model = build_model(state["model_args"])
     except (TypeError, ValueError) as error:  # model arguments of another project's network
-        raise CheckpointError(f"not a checkpoint of this project's UNet (its model arguments "
-                              f"{dict(state['model_args'])} do not fit: {error})") from None
+        reason = first_line(error)
+        raise CheckpointError(f"not a checkpoint of this project's UNet or ResNetUNet (its model "
+                              f"arguments {state['model_args']} do not fit: {reason})") from None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
-        raise CheckpointError(f"checkpoint weights do not fit UNet{state['model_args']}: "
-                              f"{str(error).splitlines()[0]}") from error
+        name = type(model).__name__
+        raise CheckpointError(f"checkpoint weights do not fit {name}{state['model_args']}: "
+                              f"{first_line(error)}") from error
     return model.to(device).eval()
 
 
