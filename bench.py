@@ -22,7 +22,7 @@ import memory
 import synthetic
 import train
 from cache import ResizedCache
-from model import UNet
+from model import RESNETS, build_model, model_arguments
 from utils import autocast, autocast_dtype, forward, get_device, is_out_of_memory, segmentation_loss
 
 
@@ -54,6 +54,8 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=2, help="timed steps per training path (after a warm-up step)")
     parser.add_argument("--images", type=int, default=24, help="full-size images for the data measurements")
     parser.add_argument("--features", default=(64, 128, 256, 512), type=widths, help="UNet widths (train.py's FEATURES)")
+    parser.add_argument("--encoder", default="unet", choices=("unet", *RESNETS),
+                        help="train.py's ENCODER (random weights: speed and memory do not depend on them)")
     parser.add_argument("--data", help="a Carvana-layout folder to read instead of generated 1918x1280 images")
     parser.add_argument("--device", default="auto", type=device_name, help="auto, cuda, cuda:N, mps or cpu")
     parser.add_argument("--amp-dtype", default="auto", choices=("auto", "float16", "bfloat16"),
@@ -145,12 +147,12 @@ def matmul_ceiling(device, dtype, size=4096, repeats=3):
     return 2 * size**3 / best
 
 
-def training_rate(args, device, features, amp_dtype, channels_last, compile_model, fast_paths=True):
+def training_rate(args, device, model_args, amp_dtype, channels_last, compile_model, fast_paths=True):
     """(images/s, FLOP per step, peak bytes) of train.py's optimizer steps on random batches; without
     fast_paths, with transposed convolutions and per-weight Adam."""
     torch.manual_seed(0)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = UNet(features=features, matmul_upsampling=fast_paths).to(device, memory_format=memory_format)
+    model = build_model(model_args, matmul_upsampling=fast_paths).to(device, memory_format=memory_format)
     optimizer = train.make_optimizer(model, train.defaults(), fused=fast_paths)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     x = torch.randn(args.batch, 3, args.height, args.width, device=device).contiguous(memory_format=memory_format)
@@ -180,8 +182,8 @@ def training_rate(args, device, features, amp_dtype, channels_last, compile_mode
 
 
 @torch.no_grad()
-def inference_rate(args, device, features, amp_dtype):
-    model = UNet(features=features).to(device, memory_format=torch.channels_last).eval()
+def inference_rate(args, device, model_args, amp_dtype):
+    model = build_model(model_args).to(device, memory_format=torch.channels_last).eval()
     x = torch.randn(args.batch, 3, args.height, args.width, device=device).contiguous(memory_format=torch.channels_last)
     with autocast(device, amp_dtype):
         model(x)
@@ -197,11 +199,11 @@ MEMORY_SIZES = ((160, 240), (320, 480), (640, 960), (1280, 1918))
 CAPACITIES = (14.7, 39.5, 79.1)  # GiB as torch reports them: a T4 (16 GB), an A100 40 GB, an A100 or H100 80 GB
 
 
-def real_step(features, size, batch, device, amp_dtype, checkpointing):
+def real_step(model_args, size, batch, device, amp_dtype, checkpointing):
     """(peak bytes above what was in use before the model existed, seconds) of one training step of a
     fresh model at size, after a first step that builds Adam's state."""
     with PeakMemory(device) as peak:
-        model = UNet(features=features, activation_checkpointing=checkpointing).to(device,
+        model = build_model(model_args, activation_checkpointing=checkpointing).to(device,
                                                                                  memory_format=torch.channels_last)
         optimizer = torch.optim.Adam(model.parameters())
         average = [parameter.detach().clone() for parameter in model.parameters()]  # the weight average's copy
@@ -224,41 +226,49 @@ def real_step_alone(*arguments):
         return pool.apply(real_step, arguments)
 
 
-def memory_rows(features, device, amp_dtype):
-    """Training memory per image at MEMORY_SIZES with and without activation checkpointing, in the
-    device's mixed-precision type, and the largest batch that fits each of CAPACITIES; on a GPU
-    measured by its allocator (two real steps a size), elsewhere counted (memory.step_bytes) and
-    checked against real steps at 320x480."""
-    fixed = memory.fixed_training_bytes(UNet(features=features))
+def memory_rows(args, device, amp_dtype):
+    """Training memory per image of the plain UNet (args.features) and each ResNet UNet at
+    MEMORY_SIZES with and without activation checkpointing, in the device's mixed-precision type,
+    and the largest batch that fits each of CAPACITIES; on a GPU measured by its allocator (two real
+    steps a size), elsewhere counted (memory.step_bytes); checked against real steps of
+    args.encoder at 320x480."""
     kind = "measured by the CUDA allocator" if device.type == "cuda" else "counted"
-    rows = [("training size", "activation checkpointing", f"memory per image ({kind})",
+    rows = [("model, training size", "activation checkpointing", f"memory per image ({kind})",
              f"largest batch in {' / '.join(map(str, CAPACITIES))} GiB")]
-    for size in MEMORY_SIZES:
-        for checkpointing in (False, True):
-            name = (f"{size[0]}x{size[1]}", "on" if checkpointing else "off")
-            try:
-                if device.type == "cuda":
-                    one, two = (real_step(features, size, batch, device, amp_dtype, checkpointing)[0]
-                                for batch in (1, 2))
-                    per_image, per_step = two - one, max(0, one - (two - one) - fixed)
-                else:
-                    per_step, per_image = memory.step_bytes(features, size, amp_dtype, checkpointing)
-            except RuntimeError as error:
-                if not is_out_of_memory(error):
-                    raise
-                rows.append((*name, "does not fit here at batch 2", ""))
-                torch.cuda.empty_cache()
-                continue
-            fits = [memory.largest_batch(capacity * 2**30, per_image, fixed + per_step) for capacity in CAPACITIES]
-            rows.append((*name, f"{per_image / 2**30:.2f} GiB", " / ".join(map(str, fits))))
-    rows.append(("per run: weights, gradients, Adam's moments, the weight average", "", f"{fixed / 2**30:.2f} GiB", ""))
+    for encoder in ("unet", *RESNETS):
+        model_args = model_arguments(encoder, args.features)
+        fixed = memory.fixed_training_bytes(build_model(model_args))
+        model = f"UNet{args.features}" if encoder == "unet" else f"{encoder} UNet"
+        rows.append((f"{model}: weights, gradients, Adam's moments, the weight average", "",
+                     f"{fixed / 2**30:.2f} GiB", ""))
+        for size in MEMORY_SIZES:
+            for checkpointing in (False, True):
+                name = (f"{model}, {size[0]}x{size[1]}", "on" if checkpointing else "off")
+                try:
+                    if device.type == "cuda":
+                        one, two = (real_step(model_args, size, batch, device, amp_dtype, checkpointing)[0]
+                                    for batch in (1, 2))
+                        per_image, per_step = two - one, max(0, one - (two - one) - fixed)
+                    else:
+                        per_step, per_image = memory.step_bytes(model_args, size, amp_dtype, checkpointing)
+                except RuntimeError as error:
+                    if not is_out_of_memory(error):
+                        raise
+                    rows.append((*name, "does not fit here at batch 2", ""))
+                    torch.cuda.empty_cache()
+                    continue
+                fits = [memory.largest_batch(capacity * 2**30, per_image, fixed + per_step)
+                        for capacity in CAPACITIES]
+                rows.append((*name, f"{per_image / 2**30:.2f} GiB", " / ".join(map(str, fits))))
+    model_args = model_arguments(args.encoder, args.features)
+    fixed = memory.fixed_training_bytes(build_model(model_args))
     size, batch = (320, 480), 2
     # Real steps in the type this device runs fast: float16 convolutions on a CPU take many minutes.
     checked = autocast_dtype(device) if device.type == "cpu" else amp_dtype
     seconds = {}
     for checkpointing in (False, True):
-        grown, seconds[checkpointing] = real_step_alone(features, size, batch, device, checked, checkpointing)
-        per_step, per_image = memory.step_bytes(features, size, checked, checkpointing)
+        grown, seconds[checkpointing] = real_step_alone(model_args, size, batch, device, checked, checkpointing)
+        per_step, per_image = memory.step_bytes(model_args, size, checked, checkpointing)
         predicted = fixed + per_step + batch * per_image
         check = f"check: one real step at {size[0]}x{size[1]}, batch {batch}, {checked or torch.float32}"
         rows.append((f"{check}: peak growth / counted",
@@ -269,33 +279,34 @@ def memory_rows(features, device, amp_dtype):
     return rows
 
 
-def epoch_run(args, features, extra, folder, fast_paths=True):
+def epoch_run(args, extra, folder, fast_paths=True):
     """(wall seconds, training-loop images/s) of a whole one-epoch train.py run: start-up, scan,
     cache, the epoch, validation, checkpoints and pictures."""
     started = time.perf_counter()
     result = train.main(fast_paths=fast_paths, argv=[f"--DATA_DIR={args.epoch}", f"--CHECKPOINT_DIR={folder}/checkpoints",
                          f"--SAVED_IMAGES={folder}/images", "--NUM_EPOCHS=1", "--DEMO=false",
-                         f"--FEATURES={','.join(map(str, features))}", f"--BATCH_SIZE={args.batch}",
+                         f"--FEATURES={','.join(map(str, args.features))}", f"--ENCODER={args.encoder}",
+                         "--ENCODER_WEIGHTS=none", f"--BATCH_SIZE={args.batch}",
                          f"--IMAGE_HEIGHT={args.height}", f"--IMAGE_WIDTH={args.width}", f"--DEVICE={args.device}",
                          *extra])
     return time.perf_counter() - started, result["train_images_per_second"]
 
 
-def epoch_rows(args, features, step_rate):
+def epoch_rows(args, step_rate):
     """One train.py epoch before (mixed precision, but NCHW, transposed convolutions, per-weight Adam
     and full decoding every epoch) and after (channels-last, reduced decoding, cache, compile), on the
     same folder; and the training loop's own rate next to the step's alone."""
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        before, _ = epoch_run(args, features, ["--CHANNELS_LAST=false", "--CACHE_DIR="], f"{folder}/before",
+        before, _ = epoch_run(args, ["--CHANNELS_LAST=false", "--CACHE_DIR="], f"{folder}/before",
                               fast_paths=False)
         cache = f"--CACHE_DIR={folder}/cache"
-        first, _ = epoch_run(args, features, [cache], f"{folder}/1")
-        ready, loop_rate = epoch_run(args, features, [cache], f"{folder}/2")
+        first, _ = epoch_run(args, [cache], f"{folder}/1")
+        ready, loop_rate = epoch_run(args, [cache], f"{folder}/2")
         runs = [("before: NCHW, transposed convolutions, per-weight Adam, full decode every epoch", before),
                 ("after, first run (builds the cache)", first), ("after, cache ready", ready)]
         if not args.no_compile:
-            compiled, _ = epoch_run(args, features, [cache, "--COMPILE=true"], f"{folder}/3")
+            compiled, _ = epoch_run(args, [cache, "--COMPILE=true"], f"{folder}/3")
             runs.append(("after, cache ready, COMPILE=true", compiled))
         rows += [(f"train.py 1-epoch run, {name}", f"{seconds:.0f} s", f"{before / seconds:.2f}x")
                  for name, seconds in runs]
@@ -307,12 +318,12 @@ def epoch_rows(args, features, step_rate):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     device = get_device(args.device)
-    features = args.features
+    model_args = model_arguments(args.encoder, args.features)
     size = (args.height, args.width)
     fast_dtype = autocast_dtype(device, args.amp_dtype)
     rows = []
     if args.memory:
-        print_table(device, args, features, memory_rows(features, device, fast_dtype))
+        print_table(device, args, memory_rows(args, device, fast_dtype))
         return
 
     with tempfile.TemporaryDirectory() as folder:
@@ -340,7 +351,7 @@ def main(argv=None):
         paths.append((f"{fast}, compiled", fast_dtype, True, True, True))
     base = None
     for name, dtype, channels_last, compile_model, fast_paths in paths:
-        rate, flops, peak = training_rate(args, device, features, dtype, channels_last, compile_model, fast_paths)
+        rate, flops, peak = training_rate(args, device, model_args, dtype, channels_last, compile_model, fast_paths)
         base = base or rate
         if channels_last and not compile_model and fast_paths:
             step_rate = rate  # train.py's default path: the rate its whole loop is compared with
@@ -352,19 +363,20 @@ def main(argv=None):
     for dtype, ceiling in ceilings.items():
         rows.append((f"matmul ceiling {dtype} (4096^3)", f"{ceiling / 1e9:.0f} GFLOP/s", ""))
     rows.append((f"inference {fast}",
-                 f"{inference_rate(args, device, features, fast_dtype):.1f} img/s", ""))
+                 f"{inference_rate(args, device, model_args, fast_dtype):.1f} img/s", ""))
     if args.epoch:
-        rows += epoch_rows(args, features, step_rate)
+        rows += epoch_rows(args, step_rate)
 
-    print_table(device, args, features, [("measurement", "value", "ratio"), *rows])
+    print_table(device, args, [("measurement", "value", "ratio"), *rows])
 
 
-def print_table(device, args, features, rows):
+def print_table(device, args, rows):
     """rows[0] is the header."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}, {torch.get_num_threads()} threads"
     shape = "" if args.memory else f"{args.height}x{args.width}, batch {args.batch}, "
     amp = autocast_dtype(device, args.amp_dtype)
-    print(f"\n{name}; torch {torch.__version__}; mixed precision {amp}; {shape}UNet{features}")
+    model = "UNet" + str(args.features) if args.encoder == "unet" else f"{args.encoder} UNet"
+    print(f"\n{name}; torch {torch.__version__}; mixed precision {amp}; {shape}{model}")
     print(f"| {' | '.join(rows[0])} |\n|{'---|' * len(rows[0])}")
     for row in rows[1:]:
         print(f"| {' | '.join(row)} |")

@@ -10,7 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from model import UNet
+from model import build_model, model_arguments
 from utils import forward, segmentation_loss
 
 HEADROOM = 0.9  # share of a device's memory a run may plan to fill (the allocator and the rest need some)
@@ -60,33 +60,37 @@ class LiveTensors(TorchDispatchMode):
         return most
 
 
-def fake_model(features, checkpointing=False):
-    """The UNet as train.py builds it (channels-last), made of fake tensors: call inside FakeTensorMode."""
-    model = UNet(features=features, activation_checkpointing=checkpointing)
+def fake_model(model_args, checkpointing=False):
+    """The model of model_args as train.py builds it (channels-last), made of fake tensors: call
+    inside FakeTensorMode."""
+    model = build_model(model_args, activation_checkpointing=checkpointing)
     for parameter in model.parameters():
         if parameter.dim() == 4:
             parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
     return model
 
 
-def counted_step(features, size, amp_dtype=None, checkpointing=False, batch=1):
+def counted_step(model_args, size, amp_dtype=None, checkpointing=False, batch=1, training=True):
     """Bytes alive at the peak of a training step's forward and backward pass on `batch` images of
-    size (height, width), beyond the weights and their gradients. Counted on fake tensors, which have
-    shapes, types and storages but no numbers: about a second at any size and in any type, with no
-    device at all (float16 convolutions on a CPU would take minutes)."""
+    size (height, width), beyond the weights and their gradients (without `training`: of a forward
+    pass alone, as predict.py runs it). Counted on fake tensors, which have shapes, types and
+    storages but no numbers: about a second at any size and in any type, with no device at all
+    (float16 convolutions on a CPU would take minutes)."""
     with FakeTensorMode():
-        model = fake_model(features, checkpointing)
+        model = fake_model(model_args, checkpointing).train(training)
         x, target = torch.rand(batch, 3, *size), (torch.rand(batch, 1, *size) > 0.5).float()
-        with LiveTensors() as live:
-            segmentation_loss(forward(model, x, torch.device("cpu"), amp_dtype), target).backward()
-        return live.peak(leaving_out=[parameter.grad for parameter in model.parameters()])
+        with LiveTensors() as live, torch.set_grad_enabled(training):
+            logits = forward(model, x, torch.device("cpu"), amp_dtype)  # alive to the end, as in train.py
+            if training:
+                segmentation_loss(logits, target).backward()
+        return live.peak(leaving_out=[parameter.grad for parameter in model.parameters() if training])
 
 
-def step_bytes(features, size, amp_dtype=None, checkpointing=False):
-    """(bytes per step, bytes per image) of a training step at size (height, width), beyond
-    fixed_training_bytes. Per step: the low-precision copies of the weights that mixed precision
-    keeps; per image: the activations. From counted_step at batches of one and two images."""
-    one, two = (counted_step(features, size, amp_dtype, checkpointing, batch) for batch in (1, 2))
+def step_bytes(model_args, size, amp_dtype=None, checkpointing=False, training=True):
+    """(bytes per step, bytes per image) of a training step (or a forward pass) at size (height,
+    width), beyond fixed_training_bytes. Per step: the low-precision copies of the weights that
+    mixed precision keeps; per image: the activations. From counted_step at batches of 1 and 2."""
+    one, two = (counted_step(model_args, size, amp_dtype, checkpointing, batch, training) for batch in (1, 2))
     return max(0, one - (two - one)), two - one
 
 
@@ -115,14 +119,14 @@ def training_size(config):
 def fitting_settings(config, capacity, amp_dtype):
     """Settings that fit a training step into `capacity` bytes, as --NAME=value text, keeping the
     effective batch (BATCH_SIZE x ACCUMULATE_STEPS); None when nothing at this size fits."""
-    features = tuple(config["FEATURES"])
+    model_args = model_arguments(config["ENCODER"], config["FEATURES"])
     size = training_size(config)
     effective = config["BATCH_SIZE"] * config["ACCUMULATE_STEPS"]
     with FakeTensorMode():
-        fixed = fixed_training_bytes(fake_model(features))
+        fixed = fixed_training_bytes(fake_model(model_args))
     choices = []
     for checkpointing in sorted({config["ACTIVATION_CHECKPOINTING"], True}):
-        per_step, per_image = step_bytes(features, size, amp_dtype, checkpointing)
+        per_step, per_image = step_bytes(model_args, size, amp_dtype, checkpointing)
         batch = min(effective, largest_batch(capacity, per_image, fixed + per_step))
         if checkpointing == config["ACTIVATION_CHECKPOINTING"]:
             batch = min(batch, config["BATCH_SIZE"] - 1)  # the batch that just failed fits only on paper
@@ -145,20 +149,11 @@ def out_of_memory_advice(config, device, amp_dtype):
             f"{advice}")
 
 
-def prediction_bytes_per_image(features, size, element_size=2):
-    """Bytes one image takes at the peak of a forward pass without gradients at size (height, width):
-    the skip connections of every level, alive until the decoder uses them, and the tensors of the
-    top level at work (the upsampled map, the concatenation, two convolutions' outputs)."""
-    pixels = size[0] * size[1]
-    skips = sum(width * pixels / 4**level for level, width in enumerate(features))
-    return element_size * (skips + 5 * features[0] * pixels)
-
-
 def out_of_memory_in_prediction(model, device, image_size, batch_size, amp_dtype):
     """One line for an out-of-memory error in predict.py: a --batch-size that fits, from the count above."""
     capacity = device_memory(device)
-    per_image = prediction_bytes_per_image(model.model_args["features"], image_size, 2 if amp_dtype else 4)
-    weights = 1.5 * parameter_bytes(model)  # and their low-precision copies
+    per_step, per_image = step_bytes(model.model_args, image_size, amp_dtype, training=False)
+    weights = parameter_bytes(model) + per_step
     fits = largest_batch(capacity, per_image, weights) if capacity else 0
     where = f"{device}" + (f" ({capacity / 2**30:.1f} GiB)" if capacity else "")
     advice = (f"try --batch-size {min(fits, batch_size - 1)}" if fits >= 1 and batch_size > 1 else

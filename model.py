@@ -257,6 +257,8 @@ def pooled(pool, layer, x):
 
 
 DECODER_WIDTHS = (256, 128, 64, 32, 16)  # segmentation_models_pytorch's Unet
+# (mean, std) per RGB channel of [0, 1] images that torchvision's ImageNet weights were trained with
+IMAGENET_NORMALIZATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 class ResNetUNet(nn.Module):
@@ -266,14 +268,19 @@ class ResNetUNet(nn.Module):
     and right) to a multiple of 32, the logits cropped back to the input's height and width."""
 
     def __init__(self, encoder="resnet34", out_channels=1, decoder_widths=DECODER_WIDTHS,
-                 activation_checkpointing=False):
+                 normalization=IMAGENET_NORMALIZATION, activation_checkpointing=False):
         super().__init__()
         self.activation_checkpointing = activation_checkpointing  # not architecture: same values
         decoder_widths = tuple(int(width) for width in decoder_widths)
         if len(decoder_widths) != 5 or min(decoder_widths) < 1:
             raise ValueError(f"decoder_widths must be 5 positive widths, got {decoder_widths}")
+        # The inputs are [0, 1] RGB, as for the UNet; the model normalises them as its encoder's
+        # weights were trained (ImageNet's mean and std), so the checkpoint carries the choice.
+        mean, std = (tuple(float(value) for value in part) for part in normalization)
         self.model_args = {"encoder": encoder, "out_channels": out_channels,
-                           "decoder_widths": decoder_widths}
+                           "decoder_widths": decoder_widths, "normalization": (mean, std)}
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.encoder = ResNetEncoder(encoder)
         skips = self.encoder.channels[-2::-1] + [0]  # strides 16, 8, 4, 2; none at full size
         channels = self.encoder.channels[-1]
@@ -285,7 +292,7 @@ class ResNetUNet(nn.Module):
 
     def forward(self, x):
         height, width = x.shape[-2:]
-        x = padded_to_multiple(x, 32)
+        x = padded_to_multiple((x - self.mean) / self.std, 32)
         *skips, x = self.encoder(x, self.activation_checkpointing)
         for block, skip in zip(self.decoder, [*reversed(skips), None]):
             x = run_level(self.activation_checkpointing, decoder_level, block, x, skip)
@@ -319,3 +326,12 @@ def build_model(model_args, **switches):
         switches.pop("matmul_upsampling", None)
         return ResNetUNet(**model_args, **switches)
     return UNet(**model_args, **switches)
+
+
+def model_arguments(encoder, features):
+    """model_args of train.py's ENCODER: the plain UNet of FEATURES, or a ResNetUNet."""
+    return {"features": tuple(features)} if encoder == "unet" else {"encoder": encoder}
+
+
+def model_for(encoder, features, **switches):
+    return build_model(model_arguments(encoder, features), **switches)

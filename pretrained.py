@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from model import IMAGENET_NORMALIZATION
 from utils import first_line
 
 # torchvision's IMAGENET1K_V1 files; the 8 hex digits after the '-' begin the file's SHA-256.
@@ -18,8 +19,6 @@ IMAGENET_URLS = {
     "resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
     "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
 }
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # of RGB in [0, 1]
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DOWNLOAD_TIMEOUT = 60  # seconds without a byte before a download gives up, instead of hanging
 IGNORED_PREFIXES = ("fc.",)  # torchvision's classifier, which the encoder does not have
 
@@ -34,7 +33,7 @@ def normalization(encoder):
     if encoder == "unet":
         return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     if encoder in IMAGENET_URLS:
-        return IMAGENET_MEAN, IMAGENET_STD
+        return IMAGENET_NORMALIZATION
     raise ValueError(f"unknown encoder {encoder!r}: use unet, {', '.join(IMAGENET_URLS)}")
 
 

@@ -14,7 +14,7 @@ from utils import CheckpointError, all_finite, load_checkpoint
 # PIN_MEMORY, CACHE_DIR, COMPILE, ACTIVATION_CHECKPOINTING, SAVED_IMAGES, ...) are the session's own.
 RUN_SETTINGS = ("IMAGE_HEIGHT", "IMAGE_WIDTH", "BATCH_SIZE", "ACCUMULATE_STEPS", "CROP_HEIGHT", "CROP_WIDTH",
                 "LEARNING_RATE", "WARMUP", "HEAD_LR_FACTOR", "LOSS", "SEED", "VAL_FRACTION", "FEATURES", "THRESHOLD",
-                "EMA_DECAY", "BATCHNORM_IMAGES", "CHANNELS_LAST", "SYNC_BATCHNORM")
+                "EMA_DECAY", "BATCHNORM_IMAGES", "CHANNELS_LAST", "SYNC_BATCHNORM", "ENCODER", "ENCODER_LR_FACTOR")
 CONTINUED_SETTINGS = ("DATA_DIR", "NUM_EPOCHS")
 # A folder holds an earlier run when it holds one of its checkpoints: history.csv and val_files.txt
 # are written before the first one, and without it they are of a run that saved nothing.

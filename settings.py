@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from files import not_a_folder
+from model import RESNETS
 from utils import get_device
 
 TRUE_WORDS, FALSE_WORDS = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
@@ -31,6 +32,9 @@ def parse(argv, defaults, script, usage):
         config[name] = convert(name, text, config[name])
         named.add(name)
     check(config)
+    if "ENCODER_WEIGHTS" in named and config["ENCODER"] == "unet" and config["ENCODER_WEIGHTS"] != "none":
+        raise SystemExit("error: ENCODER_WEIGHTS: the plain UNet (ENCODER=unet) has no pretrained weights; "
+                         "choose a ResNet ENCODER, e.g. --ENCODER=resnet34")
     return config, named
 
 
@@ -114,6 +118,14 @@ def check(config):
         fail(f"NUM_WORKERS must be auto or a count of 0 or more, got {workers!r}")
     if not config["FEATURES"] or min(config["FEATURES"]) < 1:
         fail(f"FEATURES must be one or more positive channel counts such as 64,128,256,512, got {config['FEATURES']}")
+    encoders = ("unet", *RESNETS)
+    if config["ENCODER"] not in encoders:
+        fail(f"ENCODER must be one of {', '.join(encoders)}, got {config['ENCODER']!r}")
+    if not 0 < config["ENCODER_LR_FACTOR"] <= 1:
+        fail(f"ENCODER_LR_FACTOR must be above 0 and at most 1, got {config['ENCODER_LR_FACTOR']}")
+    weights = config["ENCODER_WEIGHTS"]
+    if weights not in ("imagenet", "none") and not Path(weights).expanduser().is_file():
+        fail(f"ENCODER_WEIGHTS must be imagenet, none or the path of a .pth file, got {weights!r} (no such file)")
     if config["LOSS"] not in ("lovasz", "dice"):
         fail(f"LOSS must be lovasz or dice, got {config['LOSS']!r}")
     if config["AMP_DTYPE"] not in ("auto", "float16", "bfloat16"):
@@ -137,9 +149,11 @@ def check_sizes(config):
     def fail(message):
         raise SystemExit(f"error: {message}")
 
-    levels = len(config["FEATURES"])
+    # A ResNet encoder halves the size five times, as a 5-level UNet does.
+    levels = len(config["FEATURES"]) if config["ENCODER"] == "unet" else 5
+    model = f"{levels}-level UNet" if config["ENCODER"] == "unet" else f"{config['ENCODER']} UNet"
     if min(config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]) < 2**levels:
-        fail(f"IMAGE_HEIGHT and IMAGE_WIDTH must be at least {2**levels} for a {levels}-level UNet, "
+        fail(f"IMAGE_HEIGHT and IMAGE_WIDTH must be at least {2**levels} for a {model}, "
              f"got {config['IMAGE_HEIGHT']}x{config['IMAGE_WIDTH']}")
     crop = config["CROP_HEIGHT"], config["CROP_WIDTH"]
     if crop != (0, 0):
@@ -147,9 +161,9 @@ def check_sizes(config):
             fail(f"CROP_HEIGHT x CROP_WIDTH must both be 0 (whole images) or between {2**levels} and "
                  f"IMAGE_HEIGHT x IMAGE_WIDTH ({config['IMAGE_HEIGHT']}x{config['IMAGE_WIDTH']}), got {crop[0]}x{crop[1]}")
         if (crop[0] >> levels) * (crop[1] >> levels) < 2:
-            fail(f"CROP_HEIGHT x CROP_WIDTH {crop[0]}x{crop[1]} leaves the {levels}-level UNet's bottleneck one "
+            fail(f"CROP_HEIGHT x CROP_WIDTH {crop[0]}x{crop[1]} leaves the {model}'s bottleneck one "
                  f"pixel: make one side at least {2 ** (levels + 1)}")
     if (config["IMAGE_HEIGHT"] >> levels) * (config["IMAGE_WIDTH"] >> levels) < 2:
-        fail(f"IMAGE_HEIGHT x IMAGE_WIDTH {config['IMAGE_HEIGHT']}x{config['IMAGE_WIDTH']} leaves the {levels}-level "
-             f"UNet's bottleneck one pixel, where BatchNorm has one value per channel from a 1-image batch: "
+        fail(f"IMAGE_HEIGHT x IMAGE_WIDTH {config['IMAGE_HEIGHT']}x{config['IMAGE_WIDTH']} leaves the {model}'s "
+             f"bottleneck one pixel, where BatchNorm has one value per channel from a 1-image batch: "
              f"make one side at least {2 ** (levels + 1)}")

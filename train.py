@@ -29,8 +29,9 @@ import settings
 import synthetic
 from cache import split_cache
 from files import InUse, exclusive, make_run_folder, replacing, write_text
-from model import UNet
+from model import model_for
 from pictures import WorstImages, save_training_curves
+from pretrained import PretrainedWeightsError, load_pretrained
 from progress import tqdm
 from utils import (
     CheckpointError,
@@ -75,7 +76,10 @@ AMP = True                        # mixed precision: bfloat16/float16 on CUDA, b
 AMP_DTYPE = "auto"                # "auto" (as above), "float16" (with loss scaling, as on a T4) or "bfloat16"
 SEED = 42                         # one seed for Python, NumPy, torch, augmentations and the validation split
 VAL_FRACTION = 0.2                # share of cars held out for validation when there is no val_images/ folder
-FEATURES = (64, 128, 256, 512)    # UNet channels per level; the bottleneck has twice the last (about 31M parameters)
+ENCODER = "unet"                  # "unet" (the plain UNet of FEATURES), or a UNet decoder on "resnet18", "resnet34", "resnet50"
+ENCODER_WEIGHTS = "imagenet"      # ResNets: "imagenet" (torchvision's, downloaded once), "none" (random), or a .pth file's path
+ENCODER_LR_FACTOR = 1.0           # a ResNet encoder's rate as a multiple of LEARNING_RATE (0 < x <= 1; README: Pretrained encoders)
+FEATURES = (64, 128, 256, 512)    # plain UNet channels per level; the bottleneck has twice the last (about 31M parameters)
 THRESHOLD = 0.5                   # probability above which a pixel counts as car, between 0 and 1
 EMA_DECAY = 0.99                  # validate and save an average of the weights (0 <= decay < 1; 0: the weights as trained)
 BATCHNORM_IMAGES = 256            # training images (unaugmented) that BatchNorm's statistics are recomputed on before each validation (0: off)
@@ -181,7 +185,7 @@ def run(config, named, rank, world_size, device, fast_paths=True):
     # The model, its average, optimizer and loss scale; continued where a resume left them.
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-    model = build_model(config, device, fast_paths)
+    model = build_model(config, device, fast_paths, pretrained=not resumed)
     state = new_training_state(model, config, device, amp_dtype, fused=fast_paths, world_size=world_size)
     start_epoch, best_dice = state.load_state_dict(resumed, log) if resumed else (0, -1.0)
     del resumed  # its tensors: the state holds copies now
@@ -367,25 +371,37 @@ def learning_rate(config, step, total_steps):
     return rise * config["LEARNING_RATE"] * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def build_model(config, device, matmul_upsampling=True):
+def build_model(config, device, matmul_upsampling=True, pretrained=False):
+    """The model of ENCODER; with `pretrained`, its encoder holds ENCODER_WEIGHTS (a new run: a
+    resume's weights come from its checkpoint)."""
     memory_format = torch.channels_last if config["CHANNELS_LAST"] else torch.contiguous_format
-    return UNet(features=config["FEATURES"], matmul_upsampling=matmul_upsampling,
-                activation_checkpointing=config["ACTIVATION_CHECKPOINTING"]).to(device, memory_format=memory_format)
+    model = model_for(config["ENCODER"], config["FEATURES"], matmul_upsampling=matmul_upsampling,
+                      activation_checkpointing=config["ACTIVATION_CHECKPOINTING"])
+    if pretrained and config["ENCODER"] != "unet":
+        try:
+            load_pretrained(model, config["ENCODER_WEIGHTS"])
+        except PretrainedWeightsError as error:
+            raise SystemExit(f"error: ENCODER_WEIGHTS: {error}") from None
+    return model.to(device, memory_format=memory_format)
 
 
 def make_optimizer(model, config, fused=True):
-    """Adam, with the output layer in a group of its own that learns HEAD_LR_FACTOR times faster.
+    """Adam, with the output layer in a group of its own that learns HEAD_LR_FACTOR times faster
+    (and a ResNet encoder in one at ENCODER_LR_FACTOR).
     Why: Adam moves each weight by at most about the learning rate per step, and BatchNorm undoes
     any growth in the layers before it, so the logits' scale is set by the last layer alone; at the
     rate of the rest it cannot grow far enough in a short run for the model to become sure of the
     background, and the loss stalls (README: Training recipe). fused: one kernel updates every weight
     (where the device has it) instead of several tensor operations per weight."""
-    head = [parameter for name, parameter in model.named_parameters() if name.startswith("head.")]
-    body = [parameter for name, parameter in model.named_parameters() if not name.startswith("head.")]
+    groups = {"encoder.": [], "head.": [], "": []}  # a ResNet's encoder; the output layer; the rest
+    for name, parameter in model.named_parameters():
+        groups[next(prefix for prefix in groups if name.startswith(prefix))].append(parameter)
+    factors = {"encoder.": config["ENCODER_LR_FACTOR"], "head.": config["HEAD_LR_FACTOR"], "": 1.0}
     fused = fused and all(parameter.device.type in ("cpu", "cuda") for parameter in model.parameters())
-    return torch.optim.Adam([{"params": body, "rate_factor": 1.0},
-                             {"params": head, "rate_factor": config["HEAD_LR_FACTOR"]}], lr=config["LEARNING_RATE"],
-                            fused=fused or None)
+    # Body first, head second as before (the plain UNet's checkpoints resume as they are), encoder last.
+    return torch.optim.Adam([{"params": groups[prefix], "rate_factor": factors[prefix]}
+                             for prefix in ("", "head.", "encoder.") if groups[prefix]],
+                            lr=config["LEARNING_RATE"], fused=fused or None)
 
 
 @dataclass

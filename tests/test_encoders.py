@@ -113,7 +113,8 @@ def test_build_model_rebuilds_either_model_from_its_model_args():
     assert type(resnet) is ResNetUNet and resnet.activation_checkpointing
     assert build_model(resnet.model_args).model_args == resnet.model_args
     assert resnet.model_args == {"encoder": "resnet18", "out_channels": 1,
-                                 "decoder_widths": (256, 128, 64, 32, 16)}
+                                 "decoder_widths": (256, 128, 64, 32, 16),
+                                 "normalization": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
 
 def test_checkpoint_round_trip_of_a_resnet_unet_with_prefixes(tmp_path):

@@ -89,8 +89,8 @@ def test_activation_checkpointing_gives_the_same_gradients_and_statistics(dtype)
 
 
 def test_activation_checkpointing_needs_under_half_the_memory_of_a_step():
-    plain = memory.counted_step((8, 16, 32), (128, 192), torch.bfloat16, checkpointing=False)
-    saving = memory.counted_step((8, 16, 32), (128, 192), torch.bfloat16, checkpointing=True)
+    plain = memory.counted_step({"features": (8, 16, 32)}, (128, 192), torch.bfloat16, checkpointing=False)
+    saving = memory.counted_step({"features": (8, 16, 32)}, (128, 192), torch.bfloat16, checkpointing=True)
     assert saving < 0.6 * plain
 
 
@@ -107,8 +107,8 @@ def test_the_live_count_sees_each_tensor_until_it_is_freed():
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_the_memory_per_image_grows_with_the_pixels_as_counted_at_another_size(checkpointing):
     features, size = (8, 16, 32), (256, 320)
-    per_step, per_image = memory.step_bytes(features, size, torch.bfloat16, checkpointing)
-    counted = memory.counted_step(features, size, torch.bfloat16, checkpointing)
+    per_step, per_image = memory.step_bytes({"features": features}, size, torch.bfloat16, checkpointing)
+    counted = memory.counted_step({"features": features}, size, torch.bfloat16, checkpointing)
     assert per_step + per_image == pytest.approx(counted, rel=0.05)
 
 
@@ -158,7 +158,7 @@ def test_out_of_memory_in_a_step_names_settings_that_fit_and_keeps_the_checkpoin
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(train, "forward", out_of_memory)
-    per_image = memory.step_bytes((4, 8), (32, 48), autocast_dtype(torch.device("cpu")))[1]  # the run's type
+    per_image = memory.step_bytes({"features": (4, 8)}, (32, 48), autocast_dtype(torch.device("cpu")))[1]  # the run's type
     fixed = memory.fixed_training_bytes(UNet(features=(4, 8)))
     monkeypatch.setattr(memory, "device_memory", lambda device: (fixed + 2.5 * per_image) / memory.HEADROOM)
     with pytest.raises(SystemExit, match=r"out of memory on cpu .* training 32x48 images in batches of 4; try "

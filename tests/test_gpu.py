@@ -98,7 +98,7 @@ def trained_on_gpu(tmp_path_factory, synthetic_root):
 def test_the_memory_count_follows_the_cuda_allocator(checkpointing):
     features, size, dtype = (32, 64, 128, 256), (320, 480), torch.float16
     fixed = memory.fixed_training_bytes(UNet(features=features))
-    per_step, per_image = memory.step_bytes(features, size, dtype, checkpointing)
+    per_step, per_image = memory.step_bytes({"features": features}, size, dtype, checkpointing)
     measured, _ = bench.real_step(features, size, 2, CUDA, dtype, checkpointing)
     assert 0.8 < measured / (fixed + per_step + 2 * per_image) < 1.3
 

@@ -41,19 +41,21 @@ def test_bench_epoch_rows_compare_the_whole_loop_with_the_step(capsys, synthetic
     assert float(share.split("|")[-2].strip().rstrip("%")) > 0
 
 
-def test_bench_memory_prints_a_row_per_size_and_checkpointing_with_the_batches_that_fit(capsys):
+def test_bench_memory_prints_a_row_per_model_size_and_checkpointing_with_the_batches_that_fit(capsys):
     bench.main(["--memory", "--features", "4,8"])
     lines = capsys.readouterr().out.splitlines()
-    rows = [line.split(" | ") for line in lines if line.startswith("| ") and "x" in line.split(" | ")[0]]
-    sizes = [(row[0].strip("| "), row[1]) for row in rows if row[0].strip("| ")[0].isdigit()]
-    assert sizes == [(f"{h}x{w}", mode) for h, w in bench.MEMORY_SIZES for mode in ("off", "on")]
-    for row in rows:
-        if row[0].strip("| ")[0].isdigit():
-            batches = [int(b) for b in row[3].strip(" |").split(" / ")]
-            assert len(batches) == 3 and batches == sorted(batches) and batches[0] >= 1
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("| ")]
+    sized = [row for row in rows if row[0][-1].isdigit() and ", " in row[0]]
+    models = ["UNet(4, 8)", "resnet18 UNet", "resnet34 UNet", "resnet50 UNet"]
+    assert [(row[0], row[1]) for row in sized] == [(f"{model}, {h}x{w}", mode) for model in models
+                                                   for h, w in bench.MEMORY_SIZES for mode in ("off", "on")]
+    fits = {}
+    for row in sized:
+        batches = [int(b) for b in row[3].split(" / ")]
+        assert len(batches) == 3 and batches == sorted(batches) and batches[0] >= 1
+        fits[row[0], row[1]] = batches[0]
     # checkpointing lets more images fit at every size, and the count agrees with a real step
-    fits = {(row[0].strip("| "), row[1]): int(row[3].split(" / ")[0]) for row in rows if row[0].strip("| ")[0].isdigit()}
-    assert all(fits[(size, "on")] > fits[(size, "off")] for size, _ in fits)
+    assert all(fits[name, "on"] > fits[name, "off"] for name, _ in fits)
     checks = [line for line in lines if line.startswith("| check: one real step")]
     assert len(checks) == 2
 
