@@ -150,7 +150,7 @@ class _Decoded(Dataset):
 # From this many pixels up a photo is decoded every epoch instead: there the model's step (2.7 TFLOP an
 # image for the 31M UNet at 640x960, 10.8 at 1280x1918) takes longer than decoding and resizing a
 # photo (20-60 ms on one core), even on a large GPU, while the cache would need 2.5 MB a photo at
-# 640x960 and 9.8 MB at full size, 50 GB for Kaggle's set (README: Performance).
+# 640x960 and 9.8 MB at full size, 50 GB for Kaggle's set (docs/performance.md).
 UNCACHED_PIXELS = 640 * 960
 
 

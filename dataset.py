@@ -15,7 +15,7 @@ def train_transform(crop=None):
     """Augmentations of (image, mask) pairs already at the training size: the changes real car
     photos show (position, size and a slight tilt of the car; left-right mirror; paint colour and
     light), never an upside-down car. Reflected borders instead of black corners, and car shares
-    interpolated linearly so the targets stay soft. Chosen on real photos: README, Training recipe.
+    interpolated linearly so the targets stay soft. Chosen on real photos: docs/training.md.
     crop: (height, width) of a random crop taken first, or None for the whole image."""
     return A.Compose([
         *([A.RandomCrop(*crop)] if crop else []),

@@ -137,7 +137,7 @@ def transposed_conv_as_matmul(up, x):
     """up(x) for the 2x2, stride-2 ConvTranspose2d `up`. On a CPU with channels-last input, as one
     matrix product (each input pixel becomes a 2x2 block of outputs): the same weights and values,
     but oneDNN's transposed convolution is slow for these shapes, its backward pass most of all
-    (README: Performance)."""
+    (docs/performance.md)."""
     if x.device.type != "cpu" or not x.is_contiguous(memory_format=torch.channels_last):
         return up(x)
     batch, channels, height, width = x.shape

@@ -59,15 +59,15 @@ DATA_DIR = "data"                 # train/ + train_masks/ (Carvana), train_image
 CHECKPOINT_DIR = "checkpoints"    # last.pt every epoch, best.pt on a new best Dice (the demo: checkpoints/demo); on Colab a Drive folder
 IMAGE_HEIGHT = 160                # pixels the model sees; Carvana's photos are 1280 high
 IMAGE_WIDTH = 240                 # pixels the model sees; Carvana's photos are 1918 wide
-BATCH_SIZE = 8                    # images per micro-batch (README: Training recipe)
+BATCH_SIZE = 8                    # images per micro-batch (docs/training.md)
 ACCUMULATE_STEPS = 1              # micro-batches per optimizer step: the effective batch is BATCH_SIZE x ACCUMULATE_STEPS
 CROP_HEIGHT = 0                   # train on random crops this high of the IMAGE_HEIGHT images (0: whole images); validation sees whole images
 CROP_WIDTH = 0                    # train on random crops this wide of the IMAGE_WIDTH images (0: whole images)
 NUM_EPOCHS = 5                    # passes over the training images (a resume keeps the run's own unless given)
 LEARNING_RATE = 3e-4              # Adam's rate at step 0 of the cosine decay to 1% of it over the run
 WARMUP = 0.1                      # share of the run's steps over which a linear rise scales the rate up (0 <= x < 1)
-HEAD_LR_FACTOR = 10.0             # the 1x1 output layer's rate as a multiple of LEARNING_RATE (>= 1; README: Training recipe)
-LOSS = "lovasz"                   # BCE plus "lovasz" (Lovasz hinge) or "dice" (soft Dice) (README: Training recipe)
+HEAD_LR_FACTOR = 10.0             # the 1x1 output layer's rate as a multiple of LEARNING_RATE (>= 1; docs/training.md)
+LOSS = "lovasz"                   # BCE plus "lovasz" (Lovasz hinge) or "dice" (soft Dice) (docs/training.md)
 NUM_WORKERS = "auto"              # loader processes: "auto" (none on a CPU once the cache is built, enough to feed a GPU), or 0, 1, 2, ...
 PIN_MEMORY = True                 # page-locked batches: faster copies to a CUDA GPU (ignored elsewhere)
 LOAD_MODEL = False                # True: resume from CHECKPOINT_DIR/last.pt (model, optimizer, epoch, best Dice)
@@ -94,7 +94,7 @@ SYNC_BATCHNORM = False            # under torchrun: BatchNorm statistics over al
 SETTING_NAMES = list(settings.meanings(__file__))  # the block above, whatever else the module defines
 
 # Sized so that a bare `python train.py` on a 2-core CPU finishes in a few minutes, bfloat16 or not
-# (README: What the demo reaches).
+# (docs/training.md).
 DEMO_SETTINGS = {"FEATURES": (8, 16, 32, 64), "LEARNING_RATE": 2e-3, "BATCH_SIZE": 16, "NUM_EPOCHS": 12}
 DEMO_DATA = {"cars": 24, "size": (480, 320), "seed": 0}  # 384 images at a quarter of Carvana's size
 DEMO_DATA_DIR = "data"  # DATA_DIR's default: the one folder where finding no data starts the demo
@@ -391,7 +391,7 @@ def make_optimizer(model, config, fused=True):
     Why: Adam moves each weight by at most about the learning rate per step, and BatchNorm undoes
     any growth in the layers before it, so the logits' scale is set by the last layer alone; at the
     rate of the rest it cannot grow far enough in a short run for the model to become sure of the
-    background, and the loss stalls (README: Training recipe). fused: one kernel updates every weight
+    background, and the loss stalls (docs/training.md). fused: one kernel updates every weight
     (where the device has it) instead of several tensor operations per weight."""
     groups = {"encoder.": [], "head.": [], "": []}  # a ResNet's encoder; the output layer; the rest
     for name, parameter in model.named_parameters():
@@ -524,7 +524,7 @@ def batchnorm_set(samples, config, cache, reduced_decoding=True):
 
 def validate(state, loaders, config, rank, world_size, worst=None):
     """The averaged model's scores on the validation images, with BatchNorm statistics of its own
-    weights (README: Validation true to the weights): what its checkpoint scores in predict.py."""
+    weights (docs/training.md): what its checkpoint scores in predict.py."""
     if rank == 0 and config["BATCHNORM_IMAGES"]:
         recompute_batchnorm(state.average.model, loaders.batchnorm, state.device, state.amp_dtype)
     if world_size > 1:  # every process scores the model rank 0 saves, BatchNorm statistics included
