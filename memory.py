@@ -118,7 +118,8 @@ def training_size(config):
 
 def fitting_settings(config, capacity, amp_dtype):
     """Settings that fit a training step into `capacity` bytes, as --NAME=value text, keeping the
-    effective batch (BATCH_SIZE x ACCUMULATE_STEPS); None when nothing at this size fits."""
+    effective batch (BATCH_SIZE x ACCUMULATE_STEPS: the batch a divisor of it); None when nothing at
+    this size fits."""
     model_args = model_arguments(config["ENCODER"], config["FEATURES"])
     size = training_size(config)
     effective = config["BATCH_SIZE"] * config["ACCUMULATE_STEPS"]
@@ -130,8 +131,9 @@ def fitting_settings(config, capacity, amp_dtype):
         batch = min(effective, largest_batch(capacity, per_image, fixed + per_step))
         if checkpointing == config["ACTIVATION_CHECKPOINTING"]:
             batch = min(batch, config["BATCH_SIZE"] - 1)  # the batch that just failed fits only on paper
+        batch = max((size for size in range(1, batch + 1) if effective % size == 0), default=0)
         if batch:
-            flags = f"--BATCH_SIZE={batch} --ACCUMULATE_STEPS={math.ceil(effective / batch)}"
+            flags = f"--BATCH_SIZE={batch} --ACCUMULATE_STEPS={effective // batch}"
             choices.append(flags + (" --ACTIVATION_CHECKPOINTING=true" if checkpointing else ""))
     return " or ".join(choices) or None
 

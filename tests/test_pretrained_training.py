@@ -132,5 +132,5 @@ def test_out_of_memory_advice_counts_a_resnet_unet(tmp_path, synthetic_root, mon
 
     monkeypatch.setattr(train, "forward", out_of_memory)
     with pytest.raises(SystemExit, match=r"^error: out of memory on cpu .* training 64x96 images in batches of 4; "
-                                         r"try --BATCH_SIZE=3 --ACCUMULATE_STEPS=2"):
+                                         r"try --BATCH_SIZE=2 --ACCUMULATE_STEPS=2"):
         train.main(tiny_args(tmp_path, synthetic_root, 1, *RESNET, "--ENCODER_WEIGHTS=none"))
