@@ -96,6 +96,7 @@ def parse_args(argv):
         parser.error("--resume continues a --submission file: name it")
     if args.no_images and not (args.submission or args.masks):
         parser.error("--no-images without --submission or --masks would write nothing")
+    args.default_output = args.output is None
     if args.output is None:
         args.output = default_output(args.checkpoint)
     return args
@@ -369,6 +370,8 @@ def run(args, held):
         return 1
     names = output_names(paths)
     source = submission_source(args.checkpoint, state, threshold, args.tta)
+    if args.default_output and not args.no_images:
+        free_default_output(args, source)
     problem = hold_outputs(args, held, source)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -438,8 +441,7 @@ def hold_outputs(args, held, source):
         places.append(("--output", Path(args.output)))
     for option, place in places:
         try:
-            if option == "--output":
-                place.mkdir(parents=True, exist_ok=True)
+            (place if option == "--output" else place.parent).mkdir(parents=True, exist_ok=True)
             held.enter_context(exclusive(place, "predict.py"))
             if option == "--output" and not args.no_images:
                 problem = claim_folder(place, source)
@@ -450,6 +452,27 @@ def hold_outputs(args, held, source):
         except OSError as error:
             return f"{option} {place}: cannot write there ({error.strerror or error})"
     return None
+
+
+def free_default_output(args, source):
+    """Where the default --output holds another model's masks (a retrained best.pt, another
+    threshold), the first of <it>-2, <it>-3, ... that is new or holds this model's: the same command
+    works again, and nothing written earlier is touched. A --output given is the user's to choose."""
+    base = candidate = Path(args.output)
+    while other_source(candidate, source):
+        candidate = Path(f"{base}-{int(candidate.name.rsplit('-', 1)[-1]) + 1 if candidate != base else 2}")
+    if candidate != base:
+        print(f"{base} holds the masks of another {other_source(base, source)}: this run's go to {candidate}")
+        args.output = str(candidate)
+
+
+def other_source(folder, source):
+    """What differs between this run and the masks a folder holds ("" where it holds none or the same)."""
+    try:
+        saved = json.loads((folder / ".source").read_text())
+    except (OSError, ValueError):
+        return ""
+    return source_changes(saved, source) if isinstance(saved, dict) else ""
 
 
 def claim_folder(output, source):

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 import torch
 
 from model import IMAGENET_NORMALIZATION
-from utils import first_line
+from utils import damaged_member, first_line
 
 # torchvision's IMAGENET1K_V1 files; the 8 hex digits after the '-' begin the file's SHA-256.
 IMAGENET_URLS = {
@@ -59,6 +59,10 @@ def load_pretrained(model, weights):
 def downloaded(url):
     """The state dict at url through torch's hub cache: downloaded and hash-checked only once."""
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+    damaged = damaged_member(cached) if cached.is_file() else None  # torch checks the hash of downloads only
+    if damaged:
+        raise PretrainedWeightsError(f"{cached} is damaged: {damaged} no longer matches the "
+                                     f"checksum stored when it was written; delete it to download it again")
     timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout or DOWNLOAD_TIMEOUT)  # torch.hub sets none: it could hang
     try:
@@ -86,6 +90,10 @@ def read_file(path, advice):
     if not path.is_file():
         raise PretrainedWeightsError(f"{path}: no such weights file (ENCODER_WEIGHTS is imagenet, "
                                      f"none or the path of a .pth file)")
+    damaged = damaged_member(path)
+    if damaged:
+        raise PretrainedWeightsError(f"{path} is damaged: {damaged} no longer matches the checksum stored when it "
+                                     f"was written (a disk or copy error); {advice}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated or foreign: torch raises many kinds

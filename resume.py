@@ -14,7 +14,11 @@ from utils import CheckpointError, all_finite, load_checkpoint
 # PIN_MEMORY, CACHE_DIR, COMPILE, ACTIVATION_CHECKPOINTING, SAVED_IMAGES, ...) are the session's own.
 RUN_SETTINGS = ("IMAGE_HEIGHT", "IMAGE_WIDTH", "BATCH_SIZE", "ACCUMULATE_STEPS", "CROP_HEIGHT", "CROP_WIDTH",
                 "LEARNING_RATE", "WARMUP", "HEAD_LR_FACTOR", "LOSS", "SEED", "VAL_FRACTION", "FEATURES", "THRESHOLD",
-                "EMA_DECAY", "BATCHNORM_IMAGES", "CHANNELS_LAST", "SYNC_BATCHNORM", "ENCODER", "ENCODER_LR_FACTOR")
+                "EMA_DECAY", "BATCHNORM_IMAGES", "CHANNELS_LAST", "SYNC_BATCHNORM", "ENCODER", "ENCODER_WEIGHTS",
+                "ENCODER_LR_FACTOR")
+STEP_SETTINGS = ("BATCH_SIZE", "ACCUMULATE_STEPS")
+# Checkpoints from before a setting existed ran with what is now its default.
+EARLIER_DEFAULTS = {"ENCODER": "unet", "ENCODER_WEIGHTS": "none"}
 CONTINUED_SETTINGS = ("DATA_DIR", "NUM_EPOCHS")
 # A folder holds an earlier run when it holds one of its checkpoints: history.csv and val_files.txt
 # are written before the first one, and without it they are of a run that saved nothing.
@@ -39,6 +43,16 @@ def resume_file(checkpoints):
     (best.pt holds the same complete state, so continuing from it loses nothing)."""
     last, best = checkpoints / "last.pt", checkpoints / "best.pt"
     return best if best.is_file() and not last.is_file() else last
+
+
+def how_to_go_on(checkpoints):
+    """After a run stopped: its last good checkpoint and how to continue it, or that none was saved
+    (a resume would find nothing: the same command starts the run again)."""
+    kept = resume_file(checkpoints)
+    if not kept.is_file():
+        return "no checkpoint was saved yet, so the same command (with the settings that fit) starts the run again"
+    return (f"the last good checkpoint is {kept} (continue with --LOAD_MODEL=true and the same run settings; "
+            f"BATCH_SIZE and ACCUMULATE_STEPS may change if their product stays)")
 
 
 def read(checkpoints, device, log=print):
@@ -71,8 +85,15 @@ def read(checkpoints, device, log=print):
 
 
 def conflicts(config, named, saved):
-    """The settings named for a resume that differ from the run's own (saved: the checkpoint's config)."""
-    return [name for name in RUN_SETTINGS if name in named and name in saved and shown(config[name]) != shown(saved[name])]
+    """The settings named for a resume that differ from the run's own (saved: the checkpoint's config).
+    BATCH_SIZE and ACCUMULATE_STEPS may change together where their product, the step's images,
+    stays: the steps an epoch and the schedule are then the same (after an out-of-memory error)."""
+    differ = [name for name in RUN_SETTINGS if name in named and name in saved and shown(config[name]) != shown(saved[name])]
+    if set(STEP_SETTINGS) <= set(saved):
+        asked = {name: config[name] if name in named else saved[name] for name in STEP_SETTINGS}
+        if asked["BATCH_SIZE"] * asked["ACCUMULATE_STEPS"] == saved["BATCH_SIZE"] * saved["ACCUMULATE_STEPS"]:
+            differ = [name for name in differ if name not in STEP_SETTINGS]
+    return differ
 
 
 def conflicts_with_checkpoint(config, named):
@@ -82,7 +103,7 @@ def conflicts_with_checkpoint(config, named):
     if not path.is_file():
         return []
     try:
-        saved = load_checkpoint(path)["config"]
+        saved = {**EARLIER_DEFAULTS, **load_checkpoint(path)["config"]}
     except CheckpointError:
         return ["(unreadable checkpoint)"]
     return conflicts(config, named, saved)
@@ -91,7 +112,7 @@ def conflicts_with_checkpoint(config, named):
 def continue_settings(config, named, resumed, log):
     """The settings of a resumed run: its own (RUN_SETTINGS, CONTINUED_SETTINGS unless named) and the
     session's for the rest. A run setting named with another value is a one-line error naming it."""
-    saved = resumed.state.get("config", {})
+    saved = {**EARLIER_DEFAULTS, **resumed.state.get("config", {})}
     refused = conflicts(config, named, saved)
     if refused:
         what = "model" if refused == ["FEATURES"] else "settings"

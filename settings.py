@@ -32,7 +32,8 @@ def parse(argv, defaults, script, usage):
         config[name] = convert(name, text, config[name])
         named.add(name)
     check(config)
-    if "ENCODER_WEIGHTS" in named and config["ENCODER"] == "unet" and config["ENCODER_WEIGHTS"] != "none":
+    if ("ENCODER_WEIGHTS" in named and config["ENCODER"] == "unet" and config["ENCODER_WEIGHTS"] != "none"
+            and not config["LOAD_MODEL"]):  # a resume takes its run's ENCODER
         raise SystemExit("error: ENCODER_WEIGHTS: the plain UNet (ENCODER=unet) has no pretrained weights; "
                          "choose a ResNet ENCODER, e.g. --ENCODER=resnet34")
     return config, named
@@ -85,8 +86,8 @@ def pictures_folder(config):
     checkpoints = Path(os.path.abspath(config["CHECKPOINT_DIR"]))
     try:
         parts = checkpoints.relative_to(Path(os.path.abspath(saved)).parent).parts
-    except ValueError:
-        parts = checkpoints.parts[1:]  # without the root (or drive), so the path stays under SAVED_IMAGES
+    except ValueError:  # elsewhere: the whole path under a folder of its own, apart from relative ones
+        parts = ("elsewhere", *checkpoints.parts[1:])
     return saved.joinpath(*parts) if parts else saved / checkpoints.name
 
 

@@ -566,10 +566,8 @@ def record_epoch(config, epoch, train_loss, metrics, started, history, checkpoin
         else:
             save_checkpoint(checkpoint, checkpoints / "last.pt")
     except OSError as error:  # a full disk or a lost Drive mount: the files on disk are still whole
-        kept = resume.resume_file(checkpoints)
-        raise SystemExit(f"error: cannot save epoch {epoch + 1} in {checkpoints} ({error.strerror or error}); the "
-                         f"last good checkpoint is {kept if kept.is_file() else 'none yet'}: free some space, then "
-                         f"continue with --LOAD_MODEL=true") from None
+        raise SystemExit(f"error: cannot save epoch {epoch + 1} in {checkpoints} ({error.strerror or error}): free "
+                         f"some space; {resume.how_to_go_on(checkpoints)}") from None
 
 
 def write_history(rows, path):
@@ -584,10 +582,8 @@ def out_of_memory(config, state, checkpoints):
     the last good checkpoint, which is left as it was."""
     if state.device.type == "cuda":
         torch.cuda.empty_cache()  # the failed step's tensors are freed by now: give their memory back
-    kept = resume.resume_file(checkpoints)
-    raise SystemExit(f"error: {memory.out_of_memory_advice(config, state.device, state.amp_dtype)}; the last good "
-                     f"checkpoint is {kept if kept.is_file() else 'none yet'} (continue with --LOAD_MODEL=true and "
-                     f"the same run settings)") from None
+    raise SystemExit(f"error: {memory.out_of_memory_advice(config, state.device, state.amp_dtype)}; "
+                     f"{resume.how_to_go_on(checkpoints)}") from None
 
 
 def stop_without_saving(checkpoints, reason):

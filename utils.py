@@ -95,8 +95,9 @@ def forward(model, x, device, amp_dtype=None):
         return model(to_model_input(x, model, device)).float()
 
 
+# CUDA's and MPS's messages, cuDNN's and cuBLAS's, and the CPU allocator's ("can't allocate memory")
 OUT_OF_MEMORY_MARKS = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED",
-                      "CUDNN_STATUS_NOT_INITIALIZED")
+                      "CUDNN_STATUS_NOT_INITIALIZED", "can't allocate memory")
 
 
 def is_out_of_memory(error):

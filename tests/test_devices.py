@@ -81,7 +81,8 @@ def test_sync_batchnorm_under_torchrun_on_a_cpu_is_one_line(monkeypatch):
 @pytest.mark.parametrize("kind, message", [(torch.OutOfMemoryError, "CUDA out of memory. Tried to allocate 2.00 GiB"),
                                            (RuntimeError, "cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
                                            (RuntimeError, "CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"),
-                                           (RuntimeError, "MPS backend out of memory (MPS allocated: 9.05 GB)")])
+                                           (RuntimeError, "MPS backend out of memory (MPS allocated: 9.05 GB)"),
+                                           (RuntimeError, "DefaultCPUAllocator: can't allocate memory")])
 def test_out_of_memory_ends_in_one_line_and_frees_the_failed_step(tmp_path, synthetic_root, monkeypatch, kind,
                                                                   message):
     """The notebook keeps the SystemExit: the out-of-memory error must not ride along as its

@@ -192,3 +192,32 @@ def test_checkpoint_written_by_older_code_still_predicts(trained, synthetic_root
     old_masks, new_masks = read_masks(tmp_path / "old"), read_masks(tmp_path / "new")
     assert list(old_masks) == list(new_masks) == [f"{image.stem}_mask.png"]
     assert np.array_equal(old_masks[f"{image.stem}_mask.png"], new_masks[f"{image.stem}_mask.png"])
+
+
+def test_the_default_output_takes_a_folder_of_its_own_when_the_model_changed(trained, synthetic_root, tmp_path,
+                                                                            monkeypatch, capsys):
+    """The README's command again after another threshold (or a retrained best.pt): the earlier masks
+    stay where they are, the new ones go to <default>-2, exit 0."""
+    run = tmp_path / "run"
+    shutil.copytree(trained[0] / "checkpoints", run)
+    monkeypatch.chdir(tmp_path)
+    command = ["--checkpoint", "run/best.pt", "--input", str(synthetic_root / "train"), "--workers", "0"]
+    assert predict.main(command) == 0
+    first = Path("saved_images/run/best_predictions")
+    before = {path.name: path.read_bytes() for path in first.glob("*_mask.png")}
+    assert len(before) == 16
+    assert predict.main([*command, "--threshold", "0.3"]) == 0
+    assert "saved_images/run/best_predictions holds the masks of another threshold: this run's go to " \
+           "saved_images/run/best_predictions-2" in capsys.readouterr().out
+    assert {path.name: path.read_bytes() for path in first.glob("*_mask.png")} == before
+    assert len(list(Path("saved_images/run/best_predictions-2").glob("*_mask.png"))) == 16
+    assert predict.main([*command, "--threshold", "0.3"]) == 0  # the same again: into its own folder
+    assert not Path("saved_images/run/best_predictions-3").exists()
+
+
+def test_a_submission_into_a_folder_that_does_not_exist_yet(trained, synthetic_root, tmp_path):
+    submission = tmp_path / "new" / "folder" / "submission.csv"
+    assert predict.main(["--checkpoint", str(trained[0] / "checkpoints" / "best.pt"), "--input",
+                         str(synthetic_root / "train"), "--submission", str(submission), "--no-images",
+                         "--workers", "0"]) == 0
+    assert len(submission.read_text().splitlines()) == 17

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 import predict
 import pretrained
 import train
-from conftest import split_of, tiny_args
+from conftest import damage, split_of, tiny_args
 from dataset import CarvanaDataset, val_transform
 from model import ResNetEncoder, ResNetUNet
 from utils import evaluate, load_checkpoint, model_from_checkpoint
@@ -134,3 +134,19 @@ def test_out_of_memory_advice_counts_a_resnet_unet(tmp_path, synthetic_root, mon
     with pytest.raises(SystemExit, match=r"^error: out of memory on cpu .* training 64x96 images in batches of 4; "
                                          r"try --BATCH_SIZE=2 --ACCUMULATE_STEPS=2"):
         train.main(tiny_args(tmp_path, synthetic_root, 1, *RESNET, "--ENCODER_WEIGHTS=none"))
+
+
+def test_a_damaged_weights_file_is_one_line_naming_the_damaged_part(tmp_path, synthetic_root):
+    path = tmp_path / "resnet18.pth"
+    weights_file(path)
+    damage(path)
+    with pytest.raises(SystemExit, match=r"^error: ENCODER_WEIGHTS: .*resnet18\.pth is damaged: .* no longer matches"):
+        train.main(tiny_args(tmp_path, synthetic_root, 1, *RESNET, f"--ENCODER_WEIGHTS={path}"))
+
+
+def test_a_resume_records_the_weights_its_run_started_from(tmp_path, synthetic_root):
+    path = tmp_path / "resnet18.pth"
+    weights_file(path)
+    train.main(tiny_args(tmp_path, synthetic_root, 1, *RESNET, f"--ENCODER_WEIGHTS={path}"))
+    train.main(tiny_args(tmp_path, synthetic_root, 2, *RESNET, "--LOAD_MODEL=true"))
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["config"]["ENCODER_WEIGHTS"] == str(path)

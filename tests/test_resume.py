@@ -275,3 +275,19 @@ def test_a_resume_that_restates_its_own_crop_is_accepted(tmp_path, synthetic_roo
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 2
     with pytest.raises(SystemExit, match="holds another run's settings"):  # another crop is still refused
         train.main([*folders, "--LOAD_MODEL=true", "--CROP_HEIGHT=128", "--CROP_WIDTH=256"])
+
+
+def test_a_resume_may_split_the_batch_keeping_its_images_but_not_change_them(tmp_path, synthetic_root):
+    """After an out-of-memory error: --BATCH_SIZE=2 --ACCUMULATE_STEPS=2 continues a batch-4 run with
+    the same steps and schedule; --BATCH_SIZE=2 alone would halve the step's images and is refused."""
+    train.main(tiny_args(tmp_path, synthetic_root, 1))
+    with pytest.raises(SystemExit, match="BATCH_SIZE=4, this run asks for 2"):
+        train.main(tiny_args(tmp_path, synthetic_root, 2, "--LOAD_MODEL=true", "--BATCH_SIZE=2"))
+    train.main(tiny_args(tmp_path, synthetic_root, 2, "--LOAD_MODEL=true", "--BATCH_SIZE=2", "--ACCUMULATE_STEPS=2"))
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["epoch"] == 2 and state["config"]["BATCH_SIZE"] == 2 and state["config"]["ACCUMULATE_STEPS"] == 2
+    assert state["optimizer"]["state"][0]["step"] == 2 * 3  # 3 steps of 4 images an epoch, both epochs
+
+
+def test_a_run_stopped_before_any_checkpoint_is_told_to_start_again_not_to_resume(tmp_path):
+    assert "the same command" in resume.how_to_go_on(tmp_path) and "LOAD_MODEL" not in resume.how_to_go_on(tmp_path)

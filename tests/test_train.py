@@ -200,6 +200,14 @@ def test_runs_whose_checkpoint_folders_share_a_name_keep_their_pictures_apart(tm
     assert {path.name: path.read_bytes() for path in first.glob("*.png")} == pictures["r1"]  # r2 deleted nothing
 
 
+def test_a_relative_and_an_absolute_checkpoint_folder_never_share_pictures(tmp_path, monkeypatch):
+    """tmp/x from the current folder and /tmp/x are two runs: two picture folders."""
+    monkeypatch.chdir(tmp_path)
+    inside = settings.pictures_folder({"SAVED_IMAGES": "saved_images", "CHECKPOINT_DIR": "tmp/x"})
+    elsewhere = settings.pictures_folder({"SAVED_IMAGES": "saved_images", "CHECKPOINT_DIR": "/tmp/x"})
+    assert inside == Path("saved_images/tmp/x") and elsewhere == Path("saved_images/elsewhere/tmp/x")
+
+
 def test_a_newcomers_commands_in_order_demo_predict_own_folder_its_predict(tmp_path, monkeypatch, synthetic_root):
     import shutil
 
