@@ -36,6 +36,9 @@ def parse(argv, defaults, script, usage):
             and not config["LOAD_MODEL"]):  # a resume takes its run's ENCODER
         raise SystemExit("error: ENCODER_WEIGHTS: the plain UNet (ENCODER=unet) has no pretrained weights; "
                          "choose a ResNet ENCODER, e.g. --ENCODER=resnet34")
+    if "FEATURES" in named and config["ENCODER"] != "unet" and not config["LOAD_MODEL"]:
+        raise SystemExit(f"error: FEATURES: sets the plain UNet's widths; the {config['ENCODER']} UNet's "
+                         "are fixed: leave FEATURES out, or use --ENCODER=unet")
     return config, named
 
 

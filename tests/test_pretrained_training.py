@@ -15,6 +15,11 @@ from utils import evaluate, load_checkpoint, model_from_checkpoint
 RESNET = ["--ENCODER=resnet18", "--IMAGE_HEIGHT=64", "--IMAGE_WIDTH=96", "--BATCH_SIZE=4"]
 
 
+def resnet_args(tmp, data_dir, epochs, *extra):
+    """tiny_args without FEATURES, which only the plain UNet takes."""
+    return [argument for argument in tiny_args(tmp, data_dir, epochs, *extra) if not argument.startswith("--FEATURES=")]
+
+
 def weights_file(path, seed=1):
     """A file as torchvision's resnet18 one is: its names and shapes (fc.* included), trained-like
     values of their own (not this project's initialisation)."""
@@ -30,7 +35,7 @@ def weights_file(path, seed=1):
 def test_the_weights_file_is_what_training_starts_from(tmp_path, synthetic_root):
     """At a rate of 1e-9 for one epoch every convolution of the file is in the checkpoint as it was."""
     weights = weights_file(tmp_path / "resnet18.pth")
-    train.main(tiny_args(tmp_path, synthetic_root, 1, *RESNET, f"--ENCODER_WEIGHTS={tmp_path / 'resnet18.pth'}",
+    train.main(resnet_args(tmp_path, synthetic_root, 1, *RESNET, f"--ENCODER_WEIGHTS={tmp_path / 'resnet18.pth'}",
                          "--LEARNING_RATE=1e-9"))
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert state["model_args"]["encoder"] == "resnet18"
@@ -55,7 +60,7 @@ def test_weights_that_cannot_load_stop_before_training_in_one_line(tmp_path, syn
         monkeypatch.setitem(pretrained.IMAGENET_URLS, "resnet18", "http://127.0.0.1:9/resnet18-f37072fd.pth")
         choice = "imagenet"
     with pytest.raises(SystemExit) as stopped:
-        train.main(tiny_args(tmp_path, synthetic_root, 1, *RESNET, f"--ENCODER_WEIGHTS={choice}"))
+        train.main(resnet_args(tmp_path, synthetic_root, 1, *RESNET, f"--ENCODER_WEIGHTS={choice}"))
     message = str(stopped.value)
     assert message.startswith("error: ENCODER_WEIGHTS: ") and "\n" not in message
     assert {"wrong shape": "layer2.0.conv1.weight", "no internet": "http://127.0.0.1:9/resnet18-f37072fd.pth",
@@ -66,7 +71,7 @@ def test_weights_that_cannot_load_stop_before_training_in_one_line(tmp_path, syn
 
 def test_a_resnet_checkpoint_predicts_with_no_other_flag_and_scores_what_training_printed(tmp_path, synthetic_root,
                                                                                           capsys):
-    result = train.main(tiny_args(tmp_path, synthetic_root, 3, *RESNET, "--ENCODER_WEIGHTS=none", "--AMP=false",
+    result = train.main(resnet_args(tmp_path, synthetic_root, 3, *RESNET, "--ENCODER_WEIGHTS=none", "--AMP=false",
                                   "--LEARNING_RATE=1e-3"))
     capsys.readouterr()
     checkpoint = tmp_path / "checkpoints" / "best.pt"
@@ -84,9 +89,9 @@ def test_a_resnet_checkpoint_predicts_with_no_other_flag_and_scores_what_trainin
 def test_a_resumed_resnet_run_needs_no_weights_file(tmp_path, synthetic_root):
     path = tmp_path / "resnet18.pth"
     weights_file(path)
-    train.main(tiny_args(tmp_path, synthetic_root, 1, *RESNET, f"--ENCODER_WEIGHTS={path}"))
+    train.main(resnet_args(tmp_path, synthetic_root, 1, *RESNET, f"--ENCODER_WEIGHTS={path}"))
     path.unlink()  # the run's weights are in its checkpoint now
-    train.main(tiny_args(tmp_path, synthetic_root, 2, *RESNET, "--LOAD_MODEL=true"))
+    train.main(resnet_args(tmp_path, synthetic_root, 2, *RESNET, "--LOAD_MODEL=true"))
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 2
 
 
@@ -120,6 +125,7 @@ def test_the_model_normalises_its_inputs_as_imagenet_weights_expect():
     ("--ENCODER=resnet34 --ENCODER_WEIGHTS=nowhere.pth",
      "ENCODER_WEIGHTS must be imagenet, none or the path of a .pth file, got 'nowhere.pth' (no such file)"),
     ("--ENCODER=resnet34 --IMAGE_HEIGHT=32 --IMAGE_WIDTH=32", "leaves the resnet34 UNet's bottleneck one pixel"),
+    ("--ENCODER=resnet18 --FEATURES=32,64", "FEATURES: sets the plain UNet's widths; the resnet18 UNet's are fixed"),
 ])
 def test_encoder_settings_that_cannot_work_are_one_line(argument, message):
     with pytest.raises(SystemExit, match="^error: " + ".*" + message.replace("(", r"\(").replace(")", r"\)")):
@@ -133,7 +139,7 @@ def test_out_of_memory_advice_counts_a_resnet_unet(tmp_path, synthetic_root, mon
     monkeypatch.setattr(train, "forward", out_of_memory)
     with pytest.raises(SystemExit, match=r"^error: out of memory on cpu .* training 64x96 images in batches of 4; "
                                          r"try --BATCH_SIZE=2 --ACCUMULATE_STEPS=2"):
-        train.main(tiny_args(tmp_path, synthetic_root, 1, *RESNET, "--ENCODER_WEIGHTS=none"))
+        train.main(resnet_args(tmp_path, synthetic_root, 1, *RESNET, "--ENCODER_WEIGHTS=none"))
 
 
 def test_a_damaged_weights_file_is_one_line_naming_the_damaged_part(tmp_path, synthetic_root):
@@ -141,12 +147,12 @@ def test_a_damaged_weights_file_is_one_line_naming_the_damaged_part(tmp_path, sy
     weights_file(path)
     damage(path)
     with pytest.raises(SystemExit, match=r"^error: ENCODER_WEIGHTS: .*resnet18\.pth is damaged: .* no longer matches"):
-        train.main(tiny_args(tmp_path, synthetic_root, 1, *RESNET, f"--ENCODER_WEIGHTS={path}"))
+        train.main(resnet_args(tmp_path, synthetic_root, 1, *RESNET, f"--ENCODER_WEIGHTS={path}"))
 
 
 def test_a_resume_records_the_weights_its_run_started_from(tmp_path, synthetic_root):
     path = tmp_path / "resnet18.pth"
     weights_file(path)
-    train.main(tiny_args(tmp_path, synthetic_root, 1, *RESNET, f"--ENCODER_WEIGHTS={path}"))
-    train.main(tiny_args(tmp_path, synthetic_root, 2, *RESNET, "--LOAD_MODEL=true"))
+    train.main(resnet_args(tmp_path, synthetic_root, 1, *RESNET, f"--ENCODER_WEIGHTS={path}"))
+    train.main(resnet_args(tmp_path, synthetic_root, 2, *RESNET, "--LOAD_MODEL=true"))
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["config"]["ENCODER_WEIGHTS"] == str(path)
