@@ -1,15 +1,21 @@
 """train.py and predict.py with a ResNet encoder: the weights file in the checkpoint, one-line
 refusals that train nothing, ImageNet normalisation inside the model, and no flag to predict."""
+import subprocess
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 import predict
 import pretrained
 import train
-from conftest import damage, split_of, tiny_args
+from conftest import ROOT, damage, split_of, tiny_args
 from dataset import CarvanaDataset, val_transform
 from model import ResNetEncoder, ResNetUNet
+from submission import rle_decode
 from utils import evaluate, load_checkpoint, model_from_checkpoint
 
 RESNET = ["--ENCODER=resnet18", "--IMAGE_HEIGHT=64", "--IMAGE_WIDTH=96", "--BATCH_SIZE=4"]
@@ -156,3 +162,36 @@ def test_a_resume_records_the_weights_its_run_started_from(tmp_path, synthetic_r
     train.main(resnet_args(tmp_path, synthetic_root, 1, *RESNET, f"--ENCODER_WEIGHTS={path}"))
     train.main(resnet_args(tmp_path, synthetic_root, 2, *RESNET, "--LOAD_MODEL=true"))
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["config"]["ENCODER_WEIGHTS"] == str(path)
+
+
+def test_a_resnet_unet_takes_every_training_path_and_its_submission_rows_are_its_masks(tmp_path, synthetic_root):
+    """Accumulation, crops, checkpointing, compile and the cache together, then Kaggle's rows."""
+    paths = ["--ENCODER_WEIGHTS=none", "--ACCUMULATE_STEPS=2", "--CROP_HEIGHT=64", "--CROP_WIDTH=64",
+             "--ACTIVATION_CHECKPOINTING=true", "--COMPILE=true", "--AMP=false"]
+    result = train.main(resnet_args(tmp_path, synthetic_root, 2, *RESNET, *paths))
+    assert result["config"]["ENCODER"] == "resnet18" and result["best_dice"] > 0
+    assert any((tmp_path / "cache").iterdir())  # the resized training and validation copies
+    checkpoint = tmp_path / "checkpoints" / "best.pt"
+    assert tuple(load_checkpoint(checkpoint)["crop_size"]) == (64, 64)
+    inputs = str(tmp_path / "checkpoints" / "val_files.txt")
+    assert predict.main(["--checkpoint", str(checkpoint), "--input", inputs, "--output", str(tmp_path / "masks"),
+                         "--workers", "0"]) == 0
+    assert predict.main(["--checkpoint", str(checkpoint), "--input", inputs, "--submission",
+                         str(tmp_path / "rows.csv"), "--no-images", "--workers", "0"]) == 0
+    lines = (tmp_path / "rows.csv").read_text().splitlines()
+    assert lines[0] == "img,rle_mask" and len(lines) == 5
+    for line in lines[1:]:
+        name, text = line.split(",")
+        mask = np.asarray(Image.open(tmp_path / "masks" / f"{Path(name).stem}_mask.png")) > 0
+        assert np.array_equal(rle_decode(text, mask.shape), mask), name
+
+
+def test_a_resnet_unet_trains_under_torchrun(tmp_path, synthetic_root):
+    from test_distributed import torchrun
+
+    args = resnet_args(tmp_path, synthetic_root, 1, *RESNET, "--ENCODER_WEIGHTS=none", "--AMP=false")
+    run = subprocess.run([*torchrun(), "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"), *args],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["model_args"]["encoder"] == "resnet18" and state["epoch"] == 1
