@@ -23,7 +23,16 @@ import synthetic
 import train
 from cache import ResizedCache
 from model import RESNETS, build_model, model_arguments
-from utils import autocast, autocast_dtype, forward, get_device, is_out_of_memory, segmentation_loss
+from stopwatch import synchronize
+from utils import (
+    ExponentialMovingAverage,
+    autocast,
+    autocast_dtype,
+    forward,
+    get_device,
+    is_out_of_memory,
+    segmentation_loss,
+)
 
 
 def widths(text):
@@ -66,14 +75,6 @@ def parse_args(argv):
     parser.add_argument("--memory", action="store_true", help="print only the table of training memory per image "
                                                                "and the largest batch that fits a T4, an A100 40 GB and an 80 GB GPU")
     return parser.parse_args(argv)
-
-
-def synchronize(device):
-    """Wait for the device's queued work, so that a time measures the work and not its queueing."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 class PeakMemory:
@@ -280,7 +281,7 @@ def memory_rows(args, device, amp_dtype):
 
 
 def epoch_run(args, extra, folder, fast_paths=True):
-    """(wall seconds, training-loop images/s) of a whole one-epoch train.py run: start-up, scan,
+    """(wall seconds, train.main's result) of a whole one-epoch train.py run: start-up, scan,
     cache, the epoch, validation, checkpoints and pictures."""
     started = time.perf_counter()
     result = train.main(fast_paths=fast_paths, argv=[f"--DATA_DIR={args.epoch}", f"--CHECKPOINT_DIR={folder}/checkpoints",
@@ -289,7 +290,7 @@ def epoch_run(args, extra, folder, fast_paths=True):
                          "--ENCODER_WEIGHTS=none", f"--BATCH_SIZE={args.batch}",
                          f"--IMAGE_HEIGHT={args.height}", f"--IMAGE_WIDTH={args.width}", f"--DEVICE={args.device}",
                          *extra])
-    return time.perf_counter() - started, result["train_images_per_second"]
+    return time.perf_counter() - started, result
 
 
 def epoch_rows(args, step_rate):
@@ -301,8 +302,8 @@ def epoch_rows(args, step_rate):
         before, _ = epoch_run(args, ["--CHANNELS_LAST=false", "--CACHE_DIR="], f"{folder}/before",
                               fast_paths=False)
         cache = f"--CACHE_DIR={folder}/cache"
-        first, _ = epoch_run(args, [cache], f"{folder}/1")
-        ready, loop_rate = epoch_run(args, [cache], f"{folder}/2")
+        first, first_result = epoch_run(args, [cache], f"{folder}/1")
+        ready, result = epoch_run(args, [cache], f"{folder}/2")
         runs = [("before: NCHW, transposed convolutions, per-weight Adam, full decode every epoch", before),
                 ("after, first run (builds the cache)", first), ("after, cache ready", ready)]
         if not args.no_compile:
@@ -310,8 +311,36 @@ def epoch_rows(args, step_rate):
             runs.append(("after, cache ready, COMPILE=true", compiled))
         rows += [(f"train.py 1-epoch run, {name}", f"{seconds:.0f} s", f"{before / seconds:.2f}x")
                  for name, seconds in runs]
+        loop_rate = result["train_images_per_second"]
         rows.append(("  training loop of that run (cache ready), share of the step rate above",
                      f"{loop_rate:.2f} img/s", f"{100 * loop_rate / step_rate:.0f}%"))
+        rows += part_rows(result, ready)
+        built = first_result["seconds"]["cache and loaders"]
+        rows.append(("  part of the first run: cache and loaders (building the cache)", f"{built:.2f} s",
+                     f"{100 * built / first:.0f}%"))
+    return rows
+
+
+def part_rows(result, wall):
+    """Where the cache-ready run's time went, a row a part, with its share of the run's wall time;
+    the weight average, updated after every optimizer step inside the training steps, timed alone."""
+    seconds = dict(result["seconds"])
+    seconds["other"] += wall - sum(seconds.values())  # settings, start-up and the exit, outside train.run
+    rows = [(f"  part: {name}", f"{value:.2f} s", f"{100 * value / wall:.0f}%")
+            for name, value in sorted(seconds.items(), key=lambda item: -item[1])]
+    config = result["config"]
+    device = get_device(config["DEVICE"])
+    model = build_model(model_arguments(config["ENCODER"], config["FEATURES"])).to(device)
+    average = ExponentialMovingAverage(model, config["EMA_DECAY"])
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(3):
+        average.update(model)
+    synchronize(device)
+    update = (time.perf_counter() - started) / 3
+    steps = result["optimizer_steps"]
+    rows.append((f"  of the training steps: weight average, {steps} updates of {1000 * update:.0f} ms alone",
+                 f"{steps * update:.2f} s", f"{100 * steps * update / wall:.0f}%"))
     return rows
 
 

@@ -33,6 +33,7 @@ from model import model_for
 from pictures import WorstImages, save_training_curves
 from pretrained import PretrainedWeightsError, load_pretrained
 from progress import tqdm
+from stopwatch import Stopwatch
 from utils import (
     CheckpointError,
     ExponentialMovingAverage,
@@ -158,6 +159,7 @@ def holding_run_folders(config, rank):
 
 def run(config, named, rank, world_size, device, fast_paths=True):
     log = print if rank == 0 else silent
+    stopwatch = Stopwatch(device)  # the seconds of each part, for bench.py --epoch
     amp_dtype = autocast_dtype(device, config["AMP_DTYPE"]) if config["AMP"] else None
     checkpoints = Path(config["CHECKPOINT_DIR"])
 
@@ -173,9 +175,10 @@ def run(config, named, rank, world_size, device, fast_paths=True):
 
     # Data: the checked photos, split by car.
     cache_dir = config["CACHE_DIR"]
-    train_samples, val_samples = data_folder.training_split(
-        config["DATA_DIR"], config["VAL_FRACTION"], config["SEED"],
-        Path(cache_dir) / "mask_checks.json" if cache_dir else None, show=rank == 0)
+    with stopwatch.part("photo checks"):
+        train_samples, val_samples = data_folder.training_split(
+            config["DATA_DIR"], config["VAL_FRACTION"], config["SEED"],
+            Path(cache_dir) / "mask_checks.json" if cache_dir else None, show=rank == 0)
     if resumed:
         resume.check_same_photos(resumed, train_samples, val_samples)
     log(f"device {device}{f' x {world_size} processes' if world_size > 1 else ''}, mixed precision "
@@ -185,8 +188,9 @@ def run(config, named, rank, world_size, device, fast_paths=True):
     # The model, its average, optimizer and loss scale; continued where a resume left them.
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-    model = build_model(config, device, fast_paths, pretrained=not resumed)
-    state = new_training_state(model, config, device, amp_dtype, fused=fast_paths, world_size=world_size)
+    with stopwatch.part("model"):
+        model = build_model(config, device, fast_paths, pretrained=not resumed)
+        state = new_training_state(model, config, device, amp_dtype, fused=fast_paths, world_size=world_size)
     start_epoch, best_dice = state.load_state_dict(resumed, log) if resumed else (0, -1.0)
     del resumed  # its tensors: the state holds copies now
     if config["COMPILE"]:
@@ -194,7 +198,8 @@ def run(config, named, rank, world_size, device, fast_paths=True):
     parallel_model = torch.nn.parallel.DistributedDataParallel(state.model) if world_size > 1 else state.model
 
     # Loaders of the training, validation and BatchNorm images, from the resized cache where it fits.
-    loaders = make_loaders(train_samples, val_samples, config, device, rank, world_size, fast_paths)
+    with stopwatch.part("cache and loaders"):
+        loaders = make_loaders(train_samples, val_samples, config, device, rank, world_size, fast_paths)
 
     # The epoch loop: train, validate the averaged weights as they are saved, save.
     steps_per_epoch = optimizer_steps(loaders.train, config)
@@ -211,8 +216,9 @@ def run(config, named, rank, world_size, device, fast_paths=True):
         started = time.time()
         loaders.sampler.set_epoch(epoch)
         try:
-            train_loss = unless_out_of_memory(train_one_epoch, loaders.train, state, parallel_model, config, epoch,
-                                              epoch * steps_per_epoch, total_steps)
+            with stopwatch.part("training steps"):
+                train_loss = unless_out_of_memory(train_one_epoch, loaders.train, state, parallel_model, config,
+                                                  epoch, epoch * steps_per_epoch, total_steps)
         except NonFiniteLoss as error:
             stop_without_saving(checkpoints, error)
         if train_loss is OUT_OF_MEMORY:
@@ -224,7 +230,7 @@ def run(config, named, rank, world_size, device, fast_paths=True):
         last = epoch + 1 == config["NUM_EPOCHS"]
         # The last validation also picks the worst images for the gallery (one process scores them all).
         worst = WorstImages() if last and world_size == 1 else None
-        metrics = unless_out_of_memory(validate, state, loaders, config, rank, world_size, worst)
+        metrics = unless_out_of_memory(validate, state, loaders, config, rank, world_size, stopwatch, worst)
         if metrics is OUT_OF_MEMORY:
             out_of_memory(config, state, checkpoints)
         # A model that predicts no car anywhere is never a best, whatever Dice an empty mask scores.
@@ -236,16 +242,20 @@ def run(config, named, rank, world_size, device, fast_paths=True):
                           "image_size": (config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]),
                           "crop_size": (config["CROP_HEIGHT"], config["CROP_WIDTH"]),
                           "threshold": config["THRESHOLD"]}
-            record_epoch(config, epoch, train_loss, metrics, started, history, checkpoint, improved)
+            with stopwatch.part("checkpoints and history"):
+                record_epoch(config, epoch, train_loss, metrics, started, history, checkpoint, improved)
             # Matplotlib takes most of a second per drawing: redraw while training at most once a minute.
             if last or time.time() - curves_drawn > 60:
-                draw_curves(history, curves)
+                with stopwatch.part("training curves"):
+                    draw_curves(history, curves)
                 curves_drawn = time.time()
 
     # Pictures of the validation images, and where everything is.
     if rank == 0:
-        draw_pictures(state, loaders, config, history, worst, best_dice)
-    return {"best_dice": best_dice, "last": metrics, "config": config,
+        with stopwatch.part("pictures"):
+            draw_pictures(state, loaders, config, history, worst, best_dice)
+    return {"best_dice": best_dice, "last": metrics, "config": config, "seconds": stopwatch.parts(),
+            "optimizer_steps": (config["NUM_EPOCHS"] - start_epoch) * steps_per_epoch,
             "train_images_per_second": trained_images / train_seconds if train_seconds else None}
 
 
@@ -522,17 +532,19 @@ def batchnorm_set(samples, config, cache, reduced_decoding=True):
                                   (config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]), cache, reduced_decoding)
 
 
-def validate(state, loaders, config, rank, world_size, worst=None):
+def validate(state, loaders, config, rank, world_size, stopwatch, worst=None):
     """The averaged model's scores on the validation images, with BatchNorm statistics of its own
     weights (docs/training.md): what its checkpoint scores in predict.py."""
-    if rank == 0 and config["BATCHNORM_IMAGES"]:
-        recompute_batchnorm(state.average.model, loaders.batchnorm, state.device, state.amp_dtype)
-    if world_size > 1:  # every process scores the model rank 0 saves, BatchNorm statistics included
-        for buffer in state.average.model.buffers():
-            dist.broadcast(buffer, 0)
+    with stopwatch.part("BatchNorm recompute"):
+        if rank == 0 and config["BATCHNORM_IMAGES"]:
+            recompute_batchnorm(state.average.model, loaders.batchnorm, state.device, state.amp_dtype)
+        if world_size > 1:  # every process scores the model rank 0 saves, BatchNorm statistics included
+            for buffer in state.average.model.buffers():
+                dist.broadcast(buffer, 0)
     loss = functools.partial(segmentation_loss, kind=config["LOSS"])
-    return evaluate(loaders.val, state.average.model, state.device, config["THRESHOLD"], state.amp_dtype, loss,
-                    worst=worst, all_ranks=world_size > 1)
+    with stopwatch.part("validation"):
+        return evaluate(loaders.val, state.average.model, state.device, config["THRESHOLD"], state.amp_dtype,
+                        loss, worst=worst, all_ranks=world_size > 1)
 
 
 def predicts_car(metrics):

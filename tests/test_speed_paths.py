@@ -1,4 +1,6 @@
 """The fast paths run and keep their promises (bench.py, not tests, measures speed)."""
+import time
+
 import pytest
 import torch
 
@@ -39,6 +41,23 @@ def test_bench_epoch_rows_compare_the_whole_loop_with_the_step(capsys, synthetic
     assert "COMPILE=true" not in table  # --no-compile skips the compiled epoch too
     share = next(line for line in table.splitlines() if "share of the step rate" in line)
     assert float(share.split("|")[-2].strip().rstrip("%")) > 0
+    parts = {line.split("|")[1].strip().removeprefix("part: "): float(line.split("|")[-2].strip().rstrip("%"))
+             for line in table.splitlines() if "|   part: " in line}
+    assert {"training steps", "BatchNorm recompute", "validation", "checkpoints and history", "pictures",
+            "cache and loaders", "photo checks", "model", "other"} <= set(parts)
+    assert 95 <= sum(parts.values()) <= 105  # the parts are the whole run
+    assert "weight average, 6 updates of" in table and "building the cache" in table
+
+
+def test_a_run_says_where_its_time_went(tmp_path, synthetic_root):
+    started = time.perf_counter()
+    result = train.main(tiny_args(tmp_path, synthetic_root, 2))
+    wall = time.perf_counter() - started
+    seconds = result["seconds"]
+    assert all(value >= 0 for value in seconds.values()) and seconds["training steps"] > 0
+    assert seconds["BatchNorm recompute"] > 0 and seconds["validation"] > 0
+    assert sum(seconds.values()) == pytest.approx(wall, rel=0.1)
+    assert result["optimizer_steps"] == 2 * 3  # 12 training images in batches of 4, two epochs
 
 
 def test_bench_memory_prints_a_row_per_model_size_and_checkpointing_with_the_batches_that_fit(capsys):
