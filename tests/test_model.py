@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model import UNet
+from model import ResNetUNet, UNet
 
 
 def count_parameters(model):
@@ -79,15 +79,17 @@ def test_matrix_product_upsampling_equals_the_transposed_convolution(dtype):
         torch.testing.assert_close(got.float(), want.float(), atol=tolerance, rtol=tolerance)
 
 
-def test_models_with_both_memory_layouts_give_the_same_logits():
+@pytest.mark.parametrize("make, tolerance", [(lambda: UNet(features=(4, 8, 16, 32)), 1e-5),
+                                             (lambda: ResNetUNet("resnet18"), 1e-4)])
+def test_models_with_both_memory_layouts_give_the_same_logits(make, tolerance):
     torch.manual_seed(0)
-    model = UNet(features=(4, 8, 16, 32)).eval()
+    model = make().eval()
     x = torch.randn(2, 3, 48, 80)
     with torch.no_grad():
         expected = model(x)
         model.to(memory_format=torch.channels_last)
         got = model(x.contiguous(memory_format=torch.channels_last))
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("features", [(4, 8, 8), (16, 8), (6, 10, 12)])
