@@ -284,10 +284,11 @@ def epoch_run(args, extra, folder, fast_paths=True):
     """(wall seconds, train.main's result) of a whole one-epoch train.py run: start-up, scan,
     cache, the epoch, validation, checkpoints and pictures."""
     started = time.perf_counter()
+    model = ([f"--FEATURES={','.join(map(str, args.features))}"] if args.encoder == "unet"
+             else [f"--ENCODER={args.encoder}", "--ENCODER_WEIGHTS=none"])  # FEATURES: the plain UNet's only
     result = train.main(fast_paths=fast_paths, argv=[f"--DATA_DIR={args.epoch}", f"--CHECKPOINT_DIR={folder}/checkpoints",
-                         f"--SAVED_IMAGES={folder}/images", "--NUM_EPOCHS=1", "--DEMO=false",
-                         f"--FEATURES={','.join(map(str, args.features))}", f"--ENCODER={args.encoder}",
-                         "--ENCODER_WEIGHTS=none", f"--BATCH_SIZE={args.batch}",
+                         f"--SAVED_IMAGES={folder}/images", "--NUM_EPOCHS=1", "--DEMO=false", *model,
+                         f"--BATCH_SIZE={args.batch}",
                          f"--IMAGE_HEIGHT={args.height}", f"--IMAGE_WIDTH={args.width}", f"--DEVICE={args.device}",
                          *extra])
     return time.perf_counter() - started, result

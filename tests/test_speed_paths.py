@@ -49,6 +49,13 @@ def test_bench_epoch_rows_compare_the_whole_loop_with_the_step(capsys, synthetic
     assert "weight average, 6 updates of" in table and "building the cache" in table
 
 
+def test_bench_epoch_runs_a_resnet_unet(tmp_path, synthetic_root):
+    args = bench.parse_args(["--height", "64", "--width", "96", "--batch", "4", "--encoder", "resnet18",
+                             "--device", "cpu", "--epoch", str(synthetic_root)])
+    seconds, result = bench.epoch_run(args, [f"--CACHE_DIR={tmp_path / 'cache'}", "--NUM_WORKERS=0"], tmp_path)
+    assert seconds > 0 and result["config"]["ENCODER"] == "resnet18" and result["seconds"]["training steps"] > 0
+
+
 def test_a_run_says_where_its_time_went(tmp_path, synthetic_root):
     started = time.perf_counter()
     result = train.main(tiny_args(tmp_path, synthetic_root, 2))
