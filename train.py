@@ -212,6 +212,7 @@ def run(config, named, rank, world_size, device, fast_paths=True):
         write_text(checkpoints / "val_files.txt", "".join(f"{s.image}\n" for s in val_samples))
     curves = settings.pictures_folder(config) / "training_curves.png"
     metrics, train_seconds, trained_images, worst, curves_drawn = None, 0.0, 0, None, time.time()
+    steps_taken = 0  # optimizer steps (and weight-average updates) of this run
     for epoch in range(start_epoch, config["NUM_EPOCHS"]):
         started = time.time()
         loaders.sampler.set_epoch(epoch)
@@ -224,6 +225,7 @@ def run(config, named, rank, world_size, device, fast_paths=True):
         if train_loss is OUT_OF_MEMORY:
             out_of_memory(config, state, checkpoints)
         train_seconds += time.time() - started
+        steps_taken += steps_per_epoch
         trained_images += len(loaders.sampler)
         if not state.finite():
             stop_without_saving(checkpoints, f"the weights became non-finite during epoch {epoch + 1}")
@@ -255,7 +257,7 @@ def run(config, named, rank, world_size, device, fast_paths=True):
         with stopwatch.part("pictures"):
             draw_pictures(state, loaders, config, history, worst, best_dice)
     return {"best_dice": best_dice, "last": metrics, "config": config, "seconds": stopwatch.parts(),
-            "optimizer_steps": (config["NUM_EPOCHS"] - start_epoch) * steps_per_epoch,
+            "optimizer_steps": steps_taken,
             "train_images_per_second": trained_images / train_seconds if train_seconds else None}
 
 
