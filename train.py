@@ -702,7 +702,8 @@ def prepare_data(config, named, rank=0):
         synthetic.make_synthetic(root, **DEMO_DATA)
         marker.write_text(repr(DEMO_DATA))
     wait_for_other_processes()  # the others wait for rank 0's files
-    demo = {name: value for name, value in DEMO_SETTINGS.items() if name not in named}
+    demo = {name: value for name, value in DEMO_SETTINGS.items()
+            if name not in named and not (name == "FEATURES" and config["ENCODER"] != "unet")}
     log("Demo settings in use: " + ", ".join(f"{k}={v}" for k, v in demo.items()))
     log("=" * 78)
     return {**config, **demo, "DATA_DIR": str(root)}

@@ -140,6 +140,14 @@ def test_empty_data_dir_runs_the_demo_on_generated_cars(tmp_path, monkeypatch, c
     assert (tmp_path / "data" / "synthetic" / "train_masks").stat().st_mtime_ns == mtime
 
 
+def test_the_demo_of_a_resnet_keeps_its_own_widths(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "DEMO_DATA", {"cars": 1, "size": (96, 64), "seed": 0})
+    monkeypatch.chdir(tmp_path)
+    config = train.prepare_data(*train.parse_settings(["--ENCODER=resnet18", "--ENCODER_WEIGHTS=none"]))
+    assert "FEATURES" not in capsys.readouterr().out.split("Demo settings in use:")[1]
+    assert config["FEATURES"] == train.FEATURES and config["BATCH_SIZE"] == train.DEMO_SETTINGS["BATCH_SIZE"]
+
+
 def test_no_data_without_demo_is_an_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = [a for a in tiny_args(tmp_path, "data", 1) if not a.startswith("--DATA_DIR")]
