@@ -304,7 +304,12 @@ def save_checkpoint(state, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with replacing(path) as stream:
-        torch.save(state, stream)
+        try:
+            torch.save(state, stream)
+        except RuntimeError as error:  # torch's zip writer turns a Ctrl-C while writing into its own error
+            if isinstance(error.__context__, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            raise
 
 
 def link_checkpoint(source, path, state):

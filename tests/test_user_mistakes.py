@@ -414,3 +414,24 @@ def test_ctrl_c_during_training_is_one_line_with_the_resume_hint(tmp_path, synth
     hint = (f"interrupted: the last good checkpoint is {tmp_path / 'checkpoints' / 'last.pt'}; the same command with "
             f"--LOAD_MODEL=true continues the run")
     assert lines == [hint], err
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_stays_a_ctrl_c_and_keeps_the_old_file(tmp_path, monkeypatch):
+    """torch.save's zip writer turns a KeyboardInterrupt into "RuntimeError: unexpected pos" (seen when a
+    run was stopped during its last.pt): it must reach train.py's one-line Ctrl-C handler as itself."""
+    import torch
+
+    save_checkpoint({"epoch": 1}, tmp_path / "last.pt")
+
+    def interrupted_save(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from None
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"epoch": 2}, tmp_path / "last.pt")
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["last.pt"]
