@@ -211,7 +211,7 @@ def run(config, named, rank, world_size, device, fast_paths=True):
         # The held-out images, for `predict.py --input CHECKPOINT_DIR/val_files.txt --masks ...`.
         write_text(checkpoints / "val_files.txt", "".join(f"{s.image}\n" for s in val_samples))
     curves = settings.pictures_folder(config) / "training_curves.png"
-    metrics, train_seconds, trained_images, worst, curves_drawn = None, 0.0, 0, None, time.time()
+    metrics, trained_images, worst, curves_drawn = None, 0, None, time.time()
     steps_taken = 0  # optimizer steps (and weight-average updates) of this run
     for epoch in range(start_epoch, config["NUM_EPOCHS"]):
         started = time.time()
@@ -224,7 +224,6 @@ def run(config, named, rank, world_size, device, fast_paths=True):
             stop_without_saving(checkpoints, error)
         if train_loss is OUT_OF_MEMORY:
             out_of_memory(config, state, checkpoints)
-        train_seconds += time.time() - started
         steps_taken += steps_per_epoch
         trained_images += len(loaders.sampler)
         if not state.finite():
@@ -258,7 +257,8 @@ def run(config, named, rank, world_size, device, fast_paths=True):
             draw_pictures(state, loaders, config, history, worst, best_dice)
     return {"best_dice": best_dice, "last": metrics, "config": config, "seconds": stopwatch.parts(),
             "optimizer_steps": steps_taken,
-            "train_images_per_second": trained_images / train_seconds if train_seconds else None}
+            "train_images_per_second": trained_images / stopwatch.seconds["training steps"]
+            if stopwatch.seconds["training steps"] else None}
 
 
 class NonFiniteLoss(Exception):
