@@ -65,7 +65,7 @@ def print_help(config, script, usage):
 def convert(name, text, default):
     """A command-line value in the type of the setting's default, or SystemExit saying why."""
     kind = type(default)
-    if name == "NUM_WORKERS":  # "auto" or a count
+    if name in ("NUM_WORKERS", "BATCHNORM_IMAGES"):  # "auto" or a count
         kind = str if text == "auto" else int
     try:
         if kind is bool:
@@ -102,8 +102,9 @@ def check(config):
     for name in ("IMAGE_HEIGHT", "IMAGE_WIDTH", "BATCH_SIZE", "NUM_EPOCHS", "ACCUMULATE_STEPS"):
         if config[name] < 1:
             fail(f"{name} must be at least 1, got {config[name]}")
-    if config["BATCHNORM_IMAGES"] < 0:
-        fail(f"BATCHNORM_IMAGES must be 0 or more, got {config['BATCHNORM_IMAGES']}")
+    images = config["BATCHNORM_IMAGES"]
+    if images != "auto" and (not isinstance(images, int) or images < 0):
+        fail(f"BATCHNORM_IMAGES must be auto or a count of 0 or more, got {images!r}")
     for name in ("VAL_FRACTION", "THRESHOLD"):
         if not 0 < config[name] < 1:
             fail(f"{name} must be between 0 and 1, got {config[name]}")

@@ -83,7 +83,7 @@ ENCODER_LR_FACTOR = 1.0           # a ResNet encoder's rate as a multiple of LEA
 FEATURES = (64, 128, 256, 512)    # plain UNet channels per level; the bottleneck has twice the last (about 31M parameters)
 THRESHOLD = 0.5                   # probability above which a pixel counts as car, between 0 and 1
 EMA_DECAY = 0.99                  # validate and save an average of the weights (0 <= decay < 1; 0: the weights as trained)
-BATCHNORM_IMAGES = 256            # training images (unaugmented) that BatchNorm's statistics are recomputed on before each validation (0: off)
+BATCHNORM_IMAGES = "auto"         # training images (unaugmented) for the BatchNorm statistics of each validation: "auto" (a quarter, 32 to 256), a count, 0: off
 SAVED_IMAGES = "saved_images"     # pictures of a run go to SAVED_IMAGES/<CHECKPOINT_DIR's path>/ (curves, predictions)
 DEMO = True                       # DATA_DIR left at "data" and no data there: generate synthetic cars, train with DEMO_SETTINGS
 CHANNELS_LAST = True              # NHWC memory format: faster convolutions with oneDNN and cuDNN tensor cores
@@ -528,10 +528,17 @@ def batchnorm_set(samples, config, cache, reduced_decoding=True):
     """The training images that the validated model's BatchNorm statistics are recomputed on before
     each validation: up to BATCHNORM_IMAGES of them, drawn once with SEED (so a resume draws the same),
     without augmentation, as validation and predict.py see images."""
-    count = min(len(samples), config["BATCHNORM_IMAGES"]) or 1
+    count = min(len(samples), batchnorm_count(config["BATCHNORM_IMAGES"], len(samples))) or 1
     chosen = sorted(random.Random(config["SEED"]).sample(range(len(samples)), count))
     return dataset.CarvanaDataset([samples[i] for i in chosen], dataset.val_transform(),
                                   (config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]), cache, reduced_decoding)
+
+
+def batchnorm_count(setting, training_images):
+    """BATCHNORM_IMAGES as a count. "auto": a quarter of the training images, at least 32 and at most
+    256: on small folders 32 gave the Dice of all of them, for a fraction of the forward passes, and
+    the recompute of large ones stays a few percent of an epoch (docs/performance.md)."""
+    return min(256, max(32, training_images // 4)) if setting == "auto" else setting
 
 
 def validate(state, loaders, config, rank, world_size, stopwatch, worst=None):

@@ -73,6 +73,21 @@ def test_the_recomputing_images_are_bounded_and_the_same_every_time():
     first = train.batchnorm_set(samples, config, None).samples
     assert len(first) == 256 and first == train.batchnorm_set(samples, config, None).samples
     assert len(train.batchnorm_set(samples[:10], config, None)) == 10
+    auto = {**config, "BATCHNORM_IMAGES": "auto"}  # a quarter of the images, 32 to 256
+    assert [len(train.batchnorm_set(samples[:n], auto, None)) for n in (10, 48, 200, 500)] == [10, 32, 50, 125]
+    assert len(train.batchnorm_set(samples * 3, auto, None)) == 256
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("0", 0), ("64", 64)])
+def test_batchnorm_images_is_auto_or_a_count(value, expected):
+    assert train.parse_settings([f"--BATCHNORM_IMAGES={value}"])[0]["BATCHNORM_IMAGES"] == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "many"])
+def test_batchnorm_images_refuses_what_is_not_auto_or_a_count_in_one_line(value, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.parse_settings([f"--BATCHNORM_IMAGES={value}"])
+    assert "BATCHNORM_IMAGES" in str(stop.value) + capsys.readouterr().err
 
 
 def test_a_model_that_predicts_no_car_is_said_so_and_never_saved_as_best(tmp_path, synthetic_root, capsys):
