@@ -65,8 +65,11 @@ def print_help(config, script, usage):
 def convert(name, text, default):
     """A command-line value in the type of the setting's default, or SystemExit saying why."""
     kind = type(default)
-    if name in ("NUM_WORKERS", "BATCHNORM_IMAGES"):  # "auto" or a count
-        kind = str if text == "auto" else int
+    counts = name in ("NUM_WORKERS", "BATCHNORM_IMAGES")  # "auto" or a count
+    if counts and text.strip().lower() == "auto":
+        return "auto"
+    if counts:
+        kind = int
     try:
         if kind is bool:
             if text.lower() not in TRUE_WORDS | FALSE_WORDS:
@@ -78,6 +81,7 @@ def convert(name, text, default):
     except ValueError:
         wanted = {bool: "true or false", int: "an integer", float: "a number",
                   tuple: "comma-separated integers"}.get(kind, "a value")
+        wanted = "auto or a count" if counts else wanted
         raise SystemExit(f"error: --{name} expects {wanted}, got {text!r}") from None
 
 
