@@ -109,7 +109,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, synthetic_root, monkeypatc
     ("--THRESHOLD=0", "THRESHOLD must be between 0 and 1"),
     ("--SEED=-1", "SEED must be between 0 and 2\\*\\*32 - 1"),
     ("--NUM_WORKERS=-1", "NUM_WORKERS must be auto or a count"),
-    ("--NUM_WORKERS=many", "--NUM_WORKERS expects an integer"),
+    ("--NUM_WORKERS=many", "--NUM_WORKERS expects auto or a count"),
     ("--FEATURES=", "FEATURES must be one or more positive channel counts"),
     ("--FEATURES=8,0", "FEATURES must be one or more positive channel counts"),
     ("--DEVICE=gpu", "DEVICE: unknown device 'gpu'"),
