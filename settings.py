@@ -12,6 +12,7 @@ from model import RESNETS
 from utils import get_device
 
 TRUE_WORDS, FALSE_WORDS = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+AUTO_OR_COUNT = ("NUM_WORKERS", "BATCHNORM_IMAGES")  # settings that take "auto" or a count
 
 
 def parse(argv, defaults, script, usage):
@@ -65,10 +66,10 @@ def print_help(config, script, usage):
 def convert(name, text, default):
     """A command-line value in the type of the setting's default, or SystemExit saying why."""
     kind = type(default)
-    counts = name in ("NUM_WORKERS", "BATCHNORM_IMAGES")  # "auto" or a count
-    if counts and text.strip().lower() == "auto":
-        return "auto"
+    counts = name in AUTO_OR_COUNT
     if counts:
+        if text.strip().lower() == "auto":
+            return "auto"
         kind = int
     try:
         if kind is bool:
@@ -106,9 +107,9 @@ def check(config):
     for name in ("IMAGE_HEIGHT", "IMAGE_WIDTH", "BATCH_SIZE", "NUM_EPOCHS", "ACCUMULATE_STEPS"):
         if config[name] < 1:
             fail(f"{name} must be at least 1, got {config[name]}")
-    images = config["BATCHNORM_IMAGES"]
-    if images != "auto" and (not isinstance(images, int) or images < 0):
-        fail(f"BATCHNORM_IMAGES must be auto or a count of 0 or more, got {images!r}")
+    for name in AUTO_OR_COUNT:
+        if config[name] != "auto" and (not isinstance(config[name], int) or config[name] < 0):
+            fail(f"{name} must be auto or a count of 0 or more, got {config[name]!r}")
     for name in ("VAL_FRACTION", "THRESHOLD"):
         if not 0 < config[name] < 1:
             fail(f"{name} must be between 0 and 1, got {config[name]}")
@@ -122,9 +123,6 @@ def check(config):
         fail(f"HEAD_LR_FACTOR must be a number of at least 1, got {config['HEAD_LR_FACTOR']}")
     if not 0 <= config["SEED"] < 2**32:
         fail(f"SEED must be between 0 and 2**32 - 1, got {config['SEED']}")
-    workers = config["NUM_WORKERS"]
-    if workers != "auto" and (not isinstance(workers, int) or workers < 0):
-        fail(f"NUM_WORKERS must be auto or a count of 0 or more, got {workers!r}")
     if not config["FEATURES"] or min(config["FEATURES"]) < 1:
         fail(f"FEATURES must be one or more positive channel counts such as 64,128,256,512, got {config['FEATURES']}")
     encoders = ("unet", *RESNETS)

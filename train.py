@@ -535,9 +535,8 @@ def batchnorm_set(samples, config, cache, reduced_decoding=True):
 
 
 def batchnorm_count(setting, training_images):
-    """BATCHNORM_IMAGES as a count. "auto": a quarter of the training images, at least 32 and at most
-    256: on small folders 32 gave the Dice of all of them, for a fraction of the forward passes, and
-    the recompute of large ones stays a few percent of an epoch (docs/performance.md)."""
+    """BATCHNORM_IMAGES as a count; "auto" is a quarter of the training images, 32 to 256, chosen on
+    the real photos (docs/performance.md)."""
     return min(256, max(32, training_images // 4)) if setting == "auto" else setting
 
 

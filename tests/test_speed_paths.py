@@ -96,17 +96,20 @@ def test_bench_refuses_widths_that_are_not_positive_counts_in_one_line(widths, c
     assert "error: argument --features: " in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_batchnorm_images_tool_scores_each_count_on_the_runs_own_weights(tmp_path, synthetic_root, capsys):
+def test_batchnorm_images_tool_scores_each_count_on_the_runs_own_weights(tmp_path, synthetic_root,
+                                                                         capsys):
     """tools/batchnorm_images.py: a count of at least the training images is the run's own validation,
     and a smaller count gives other statistics (the Dice of docs/performance.md's table)."""
     sys.path.insert(0, str(ROOT / "tools"))
     import batchnorm_images
 
-    batchnorm_images.main(["--counts", "0,2,1000", "--", *tiny_args(tmp_path, synthetic_root, 2, *LEARNS)])
+    settings = tiny_args(tmp_path, synthetic_root, 2, *LEARNS)
+    batchnorm_images.main(["--counts", "0,2,1000", "--", *settings])
     out = capsys.readouterr().out
     printed = re.findall(r"val Dice (\d\.\d{4})", out)
     table = [line.split("\t") for line in out.splitlines() if re.match(r"^\d\t", line)]
     assert [row[0] for row in table] == ["1", "2"] and len(printed) == 2
     assert [row[3] for row in table] == printed  # k=1000: all the training images, as the run did
     assert all(0 <= float(value) <= 1 for row in table for value in row[1:])
-    assert re.search(r"^best\t", out, re.MULTILINE) and re.search(r"^recompute s\t0\.0\t", out, re.MULTILINE)
+    assert re.search(r"^best\t", out, re.MULTILINE)
+    assert re.search(r"^recompute s\t0\.0\t", out, re.MULTILINE)

@@ -74,11 +74,13 @@ def test_the_recomputing_images_are_bounded_and_the_same_every_time():
     assert len(first) == 256 and first == train.batchnorm_set(samples, config, None).samples
     assert len(train.batchnorm_set(samples[:10], config, None)) == 10
     auto = {**config, "BATCHNORM_IMAGES": "auto"}  # a quarter of the images, 32 to 256
-    assert [len(train.batchnorm_set(samples[:n], auto, None)) for n in (10, 48, 200, 500)] == [10, 32, 50, 125]
+    counts = [len(train.batchnorm_set(samples[:n], auto, None)) for n in (10, 48, 200, 500)]
+    assert counts == [10, 32, 50, 125]
     assert len(train.batchnorm_set(samples * 3, auto, None)) == 256
 
 
-@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("Auto", "auto"), ("0", 0), ("64", 64)])
+@pytest.mark.parametrize("value, expected",
+                         [("auto", "auto"), ("Auto", "auto"), ("0", 0), ("64", 64)])
 def test_batchnorm_images_is_auto_or_a_count(value, expected):
     assert train.parse_settings([f"--BATCHNORM_IMAGES={value}"])[0]["BATCHNORM_IMAGES"] == expected
 

@@ -27,7 +27,8 @@ from utils import evaluate, recompute_batchnorm, segmentation_loss
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--counts", default="0,8,16,32", type=counts_of, help="image counts to score, comma-separated")
+    parser.add_argument("--counts", default="0,8,16,32", type=counts_of,
+                        help="image counts to score, comma-separated")
     parser.add_argument("settings", nargs="*", help="train.py's --NAME=value settings (after --)")
     args = parser.parse_args(argv)
     counts = args.counts
@@ -38,17 +39,19 @@ def main(argv=None):
 
     def scoring_each_count(state, loaders, config, rank, world_size, stopwatch, worst=None):
         epoch = len({row[0] for row in rows}) + 1
-        images = loaders.batchnorm.dataset  # all training images: BATCHNORM_IMAGES is set above them
+        images = loaders.batchnorm.dataset  # every training image: the run's count is above them
         loss = functools.partial(segmentation_loss, kind=config["LOSS"])
         for count in counts:
             model = copy.deepcopy(state.average.model)
             started = time.perf_counter()
             if count:
-                chosen = train.batchnorm_set(images.samples, {**config, "BATCHNORM_IMAGES": count}, images.cache)
-                recompute_batchnorm(model, train.make_loader(chosen, config, state.device, 0), state.device,
-                                    state.amp_dtype)
+                counted = {**config, "BATCHNORM_IMAGES": count}
+                chosen = train.batchnorm_set(images.samples, counted, images.cache)
+                loader = train.make_loader(chosen, config, state.device, 0)
+                recompute_batchnorm(model, loader, state.device, state.amp_dtype)
             seconds = time.perf_counter() - started
-            metrics = evaluate(loaders.val, model, state.device, config["THRESHOLD"], state.amp_dtype, loss)
+            metrics = evaluate(loaders.val, model, state.device, config["THRESHOLD"],
+                               state.amp_dtype, loss)
             rows.append((epoch, count, metrics["dice"], seconds))
         return validate(state, loaders, config, rank, world_size, stopwatch, worst)
 
@@ -72,7 +75,7 @@ def counts_of(text):
     try:
         counts = [int(count) for count in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated image counts, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated counts, got {text!r}") from None
     if min(counts) < 0:
         raise argparse.ArgumentTypeError(f"counts must be 0 or more, got {text!r}")
     return counts
