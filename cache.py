@@ -27,10 +27,12 @@ class ResizedCache:
 
     VERSION = 3  # 3: keyed to the files' bytes; 2: masks stored as area-averaged car shares
 
-    def __init__(self, folder, name, samples, size):
-        self.samples, self.size = list(samples), tuple(size)
+    def __init__(self, folder, name, samples, size, classes=None):
+        self.samples, self.size, self.classes = list(samples), tuple(size), classes
         digests = [(Path(s.image).name, s.digest or file_digest(s.image) + file_digest(s.mask)) for s in self.samples]
-        key = hashlib.sha1(repr((self.VERSION, self.size, digests)).encode()).hexdigest()[:12]
+        # Masks read as classes (NUM_CLASSES) are other arrays than the same files read as car.
+        labels = () if classes is None else (classes.kind, classes.codes)
+        key = hashlib.sha1(repr((self.VERSION, self.size, digests, *labels)).encode()).hexdigest()[:12]
         self.prefix = f"{name}-{size[0]}x{size[1]}-"
         self.folder = Path(folder)
         self.paths = {part: self.folder / f"{self.prefix}{key}-{part}.npy" for part in ("images", "masks", "ok")}
@@ -51,7 +53,11 @@ class ResizedCache:
 
     def bytes_needed(self):
         height, width = self.size
-        return len(self.samples) * height * width * 5
+        return len(self.samples) * height * width * (4 + self.channels())
+
+    def channels(self):
+        """A mask's shares per pixel: car, or each class."""
+        return 1 if self.classes is None else len(self.classes)
 
     def build(self, workers=0):
         """Decode every sample once (in `workers` processes), with a progress bar. The disk space is
@@ -68,12 +74,13 @@ class ResizedCache:
         locks = []
         try:
             images = open_memmap(temporary["images"], "w+", np.uint8, (count, height, width, 3))
-            masks = open_memmap(temporary["masks"], "w+", np.uint8, (count, height, width))
+            shape = (count, height, width) + ((self.channels(),) if self.classes is not None else ())
+            masks = open_memmap(temporary["masks"], "w+", np.uint8, shape)
             locks = [hold_shared(temporary["images"]), hold_shared(temporary["masks"])]  # in use: not a leftover
             for array in (images, masks):
                 reserve(array.filename, array.offset + array.nbytes)
             ok = np.zeros(count, np.uint8)
-            loader = torch.utils.data.DataLoader(_Decoded(self.samples, self.size), batch_size=None,
+            loader = torch.utils.data.DataLoader(_Decoded(self.samples, self.size, self.classes), batch_size=None,
                                                  num_workers=workers)
             for row, image, mask, problem in tqdm(loader, total=count, desc=f"caching {self.prefix[:-1]}",
                                                   unit="img"):
@@ -134,15 +141,15 @@ def reserve(path, size):
 class _Decoded(Dataset):
     """(row, image, mask, problem) at the cache's size, for ResizedCache.build's loader workers."""
 
-    def __init__(self, samples, size):
-        self.samples, self.size = samples, size
+    def __init__(self, samples, size, classes=None):
+        self.samples, self.size, self.classes = samples, size, classes
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, row):
         try:
-            return (row, *load_training_pair(self.samples[row], self.size), None)
+            return (row, *load_training_pair(self.samples[row], self.size, classes=self.classes), None)
         except (OSError, ValueError, cv2.error) as error:
             return row, None, None, str(error)
 
@@ -162,12 +169,12 @@ def amount(size):
     return f"{size} bytes"
 
 
-def split_cache(samples, name, folder, size, builds, workers=0):
+def split_cache(samples, name, folder, size, builds, workers=0, classes=None):
     """The ResizedCache of a split (name: "train" or "val") in folder, built here if `builds` (one
     process per machine) and held while this run reads it; None when it cannot be written or would
     not fit, or the images are so large that decoding is not what sets the pace (UNCACHED_PIXELS),
     and training then decodes every epoch. Under torchrun the other processes wait for the builder."""
-    cache = ResizedCache(folder, name, samples, size)
+    cache = ResizedCache(folder, name, samples, size, classes)
     if size[0] * size[1] >= UNCACHED_PIXELS:
         if builds and name == "train":
             print(f"not caching {size[0]}x{size[1]} images ({amount(cache.bytes_needed())} for the training "

@@ -34,6 +34,8 @@ class Sample:
     width: int
     height: int
     digest: str = ""  # of both files' bytes (file_digest): what the cache and the mask checks are keyed to
+    codes: tuple = ()  # with several classes (NUM_CLASSES): the label codes its mask holds
+    kind: str = ""     # with several classes: "values" or "colours"
 
 
 def visible_files(folder):
@@ -110,17 +112,19 @@ class MaskChecks:
         if isinstance(content, dict) and content.get("version") == self.VERSION:
             self.stored = content.get("masks", {})
 
-    def check(self, path, digest=None):
-        """mask_problem(path), from the stored results where the file's bytes are unchanged."""
-        key = f"{digest or file_digest(path)}:{os.path.abspath(path)}"
+    def check(self, path, digest=None, classes=1):
+        """mask_problem(path, classes), from the stored results where the file's bytes are unchanged.
+        A mask read as labels (classes > 1) is stored apart from the same file read as car/background."""
+        labels = classes > 1
+        key = f"{'labels:' * labels}{digest or file_digest(path)}:{os.path.abspath(path)}"
         result = self.used.get(key) or self.stored.get(key)
-        if not (isinstance(result, list) and len(result) == 2):  # none, or not as this version writes them
-            checked = mask_problem(path)
+        if not (isinstance(result, list) and len(result) == (4 if labels else 2)):  # none, or not this version's
+            checked = mask_problem(path, classes)
             if checked.problem:  # not kept: a read error may pass, and the few bad files cost little to check again
                 return checked
-            result = [list(checked.size), checked.has_car]
+            result = [list(checked.size), checked.has_car, *([list(checked.codes), checked.kind] * labels)]
         self.used[key] = result  # dict assignment: safe from the scan's threads
-        return MaskCheck(None, tuple(result[0]), result[1])
+        return MaskCheck(None, tuple(result[0]), result[1], *((tuple(result[2]), result[3]) if labels else ()))
 
     def save(self):
         """Write the results of the masks checked this run (others dropped), atomically."""
@@ -134,13 +138,14 @@ class MaskChecks:
                   f"the next run checks every mask again", file=sys.stderr)
 
 
-def check_pair(image_path, mask_path, checks=None):
-    """A PairCheck of a photo and its mask. checks: a MaskChecks that may already know the mask."""
+def check_pair(image_path, mask_path, checks=None, classes=1):
+    """A PairCheck of a photo and its mask. checks: a MaskChecks that may already know the mask;
+    classes: NUM_CLASSES."""
     image = image_problem(image_path)
     if image.problem:
         return PairCheck(None, (image_path, image.problem), False)
     mask_digest = file_digest(mask_path)
-    mask = (checks or MaskChecks()).check(mask_path, mask_digest)
+    mask = (checks or MaskChecks()).check(mask_path, mask_digest, classes)
     if mask.problem:
         return PairCheck(None, (mask_path, mask.problem), False)
     if mask.size != image.size:
@@ -150,15 +155,15 @@ def check_pair(image_path, mask_path, checks=None):
             reason += " (sizes as displayed, EXIF orientation applied: draw masks on the photo as it is shown)"
         return PairCheck(None, (mask_path, reason), False)
     sample = Sample(image_path, mask_path, width=image.size[0], height=image.size[1],
-                    digest=file_digest(image_path) + mask_digest)
+                    digest=file_digest(image_path) + mask_digest, codes=mask.codes, kind=mask.kind)
     return PairCheck(sample, None, not mask.has_car)
 
 
-def scan_pairs(image_dir, mask_dir, progress=True, checks=None):
+def scan_pairs(image_dir, mask_dir, progress=True, checks=None, classes=1):
     """Pair images with masks and check both: each image's header and end, each mask decoded (in
     threads; a progress bar on large folders) to see that it is a mask of its image's displayed
-    size; checks (a MaskChecks) skips the decoding of masks checked in an earlier run. Returns
-    (samples, a ScanReport)."""
+    size; checks (a MaskChecks) skips the decoding of masks checked in an earlier run; classes:
+    NUM_CLASSES. Returns (samples, a ScanReport)."""
     from progress import tqdm
 
     image_dir, mask_dir = Path(image_dir), Path(mask_dir)
@@ -174,7 +179,7 @@ def scan_pairs(image_dir, mask_dir, progress=True, checks=None):
     checks = checks or MaskChecks()
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # decoders release the GIL
         results = pool.map(check_pair, [image for image, _ in found], [mask for _, mask in found],
-                           [checks] * len(found))
+                           [checks] * len(found), [classes] * len(found))
         results = iter(list(tqdm(results, total=len(found), desc="checking masks", unit="mask",
                                  disable=not progress or len(found) < 500)))
     samples = []
@@ -297,19 +302,20 @@ def split_by_car(samples, val_fraction, seed):
     return train, val
 
 
-def training_split(data_dir, val_fraction, seed, checks_file=None, show=True):
+def training_split(data_dir, val_fraction, seed, checks_file=None, show=True, classes=1):
     """(training samples, validation samples) of a data folder, or SystemExit with one line saying
     why there are none. Validation is val_images/ where the layout has it, else val_fraction of the
     cars (split_by_car). With show, the skipped files, the masks with no car pixels and the warnings
     about the split are printed. checks_file keeps the mask checks between runs: every mask is
-    decoded to be checked, and only new or changed ones again."""
+    decoded to be checked, and only new or changed ones again. classes: NUM_CLASSES (masks with
+    several label values or colours are read as classes; classes.py maps them)."""
     splits = find_splits(data_dir)
     if not splits:
         raise SystemExit(f"error: DATA_DIR: {layout_error(data_dir)}")
     checks = MaskChecks(checks_file)
-    train, report = scan_pairs(*splits["train"], progress=show, checks=checks)
+    train, report = scan_pairs(*splits["train"], progress=show, checks=checks, classes=classes)
     if "val" in splits:
-        val, val_report = scan_pairs(*splits["val"], progress=show, checks=checks)
+        val, val_report = scan_pairs(*splits["val"], progress=show, checks=checks, classes=classes)
         report.extend(val_report)
     if show:
         print_report(report)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
+from classes import class_shares
 from image_files import load_image, read_mask, shrink_mask
 
 
@@ -37,26 +38,30 @@ def to_tensor(image):
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
-def load_training_pair(sample, size, reduced=True):
-    """(RGB uint8 photo, uint8 0..255 car share) of a sample at size (height, width); `reduced`:
-    JPEGs decoded at a reduced size (image_files.load_image)."""
+def load_training_pair(sample, size, reduced=True, classes=None):
+    """(RGB uint8 photo, uint8 0..255 car share) of a sample at size (height, width), or with
+    `classes` (classes.Classes) each class's share, (height, width, classes); `reduced`: JPEGs
+    decoded at a reduced size (image_files.load_image)."""
     image = load_image(sample.image, size, (sample.width, sample.height), reduced)
-    mask = shrink_mask(read_mask(sample.mask), size)
-    return image, mask
+    if classes is not None:
+        return image, class_shares(classes.read(sample.mask), size, len(classes))
+    return image, shrink_mask(read_mask(sample.mask), size)
 
 
 class CarvanaDataset(Dataset):
     """Image/mask pairs at size (height, width), then through a transform: (image tensor in [0,1],
-    mask tensor of car shares in [0,1]). A ResizedCache (cache.py) skips the decoding. A file that
-    fails to decode is named once and replaced by the next sample, so a bad file found mid-epoch
-    never stops training."""
+    mask tensor of car shares in [0,1], 1 x height x width; with `classes`, each class's share,
+    classes x height x width). A ResizedCache (cache.py) skips the decoding. A file that fails to
+    decode is named once and replaced by the next sample, so a bad file found mid-epoch never
+    stops training."""
 
-    def __init__(self, samples, transform, size, cache=None, reduced_decoding=True):
+    def __init__(self, samples, transform, size, cache=None, reduced_decoding=True, classes=None):
         self.samples = list(samples)
         self.transform = transform
         self.size = tuple(size)
         self.cache = cache
         self.reduced_decoding = reduced_decoding
+        self.classes = classes
         self.failed = set()
 
     def __len__(self):
@@ -69,13 +74,14 @@ class CarvanaDataset(Dataset):
         if seed is not None:
             self.transform.set_random_seed(seed)
         out = self.transform(image=image, mask=mask)
-        return to_tensor(out["image"]), torch.from_numpy(out["mask"]).float().div_(255).unsqueeze(0)
+        shares = torch.from_numpy(out["mask"]).float().div_(255)
+        return to_tensor(out["image"]), shares.unsqueeze(0) if shares.dim() == 2 else shares.permute(2, 0, 1)
 
     def load(self, index):
         """(photo, car share) at the dataset's size: from the cache, or read from the files."""
         if self.cache is not None:
             return self.cache.get(self.samples[index])
-        return load_training_pair(self.samples[index], self.size, self.reduced_decoding)
+        return load_training_pair(self.samples[index], self.size, self.reduced_decoding, self.classes)
 
     def load_decodable(self, index):
         """load(index), or where that file fails, the next sample that loads."""

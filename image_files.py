@@ -119,6 +119,8 @@ class MaskCheck(NamedTuple):
     problem: str | None
     size: tuple | None
     has_car: bool
+    codes: tuple = ()  # with several classes: the mask's distinct label codes (label_codes), sorted
+    kind: str = ""     # with several classes: "values" or "colours"
 
 
 class DecodedMask(NamedTuple):
@@ -160,7 +162,7 @@ def _value_name(code):
     return str(np.asarray(code).item())
 
 
-def _palette_codes(image):
+def palette_codes(image):
     """Code of each of a palette image's 256 indices: its colour as 0xRRGGBB, 0 if black or transparent."""
     colours = np.zeros((256, 3), np.uint32)
     palette = np.array(image.getpalette() or [], np.uint32).reshape(-1, 3)[:256]
@@ -203,7 +205,8 @@ def _colour_problem(colours, name):
     """Why a lossless file with these distinct colour codes is not a mask, or None."""
     if len(colours) > 2:
         shown = ", ".join(name(c) for c in colours[:4]) + (", ..." if len(colours) > 4 else "")
-        return f"not a mask: {len(colours)} colours ({shown}); a mask has black background and one car colour"
+        return (f"not a mask: {len(colours)} colours ({shown}); a mask has black background and one car colour "
+                f"(masks of several classes: set NUM_CLASSES)")
     if len(colours) == 2 and 0 not in colours:
         return f"not a mask: neither of its colours {name(colours[0])} and {name(colours[1])} is black, the background"
     return None
@@ -212,7 +215,7 @@ def _colour_problem(colours, name):
 def _lossless_mask(image):
     """A PNG, GIF, BMP or TIFF mask: at most two colours, background among them."""
     if image.mode == "P":  # palette entries go by their colours: Carvana's GIFs hold raw indices {0,1}
-        (pixels, name), lut = (np.asarray(image), _rgb_name), _palette_codes(image)
+        (pixels, name), lut = (np.asarray(image), _rgb_name), palette_codes(image)
     else:
         (pixels, name), lut = _colour_codes(image), None
     values = _distinct(pixels)
@@ -261,11 +264,63 @@ def decode_mask(path):
     return DecodedMask(None, problem) if problem else DecodedMask(turn_upright(mask, orientation), None)
 
 
-def mask_problem(path):
-    """A MaskCheck of a mask file: it is decoded."""
+class LabelCodes(NamedTuple):
+    codes: np.ndarray | None  # a code per pixel as displayed: a label value, or a colour as 0xRRGGBB
+    kind: str | None          # "values" (grey levels or label numbers) or "colours" (RGB or palette)
+    problem: str | None       # why the file is not a mask of classes
+
+
+# More codes than this in one mask: a photo or a drawing saved with smoothed edges, not labels.
+MOST_CODES = 64
+
+
+def label_codes(path):
+    """LabelCodes of a mask with several classes: every value or colour is kept (0, black and
+    transparent are background, code 0). A lossy format is refused: compression makes new colours
+    at every edge between classes."""
+    try:
+        with Image.open(path) as image:
+            if image.format in LOSSY_FORMATS:
+                kind = "JPEG" if image.format == "MPO" else image.format
+                return LabelCodes(None, None, f"a {kind} mask: its compression makes new colours along every "
+                                              f"edge, so classes cannot be read from it; save masks as PNG")
+            if image.mode == "F":
+                return LabelCodes(None, None, "a 32-bit floating-point mask: save the labels as integers")
+            orientation = exif_orientation(image)
+            if image.format == "TIFF":
+                image, orientation = ImageOps.exif_transpose(image), 1
+            image.load()
+            if image.mode == "P":
+                codes, kind = palette_codes(image)[np.asarray(image)], "colours"
+            else:
+                codes, name = _colour_codes(image)
+                kind = "values" if name is _value_name else "colours"
+    except DECODE_ERRORS as error:
+        return LabelCodes(None, None, f"cannot decode mask ({error})")
+    return LabelCodes(turn_upright(np.asarray(codes, np.int64), orientation), kind, None)
+
+
+def labels_problem(path):
+    """A MaskCheck of a mask with several classes: its distinct codes and their kind."""
+    decoded = label_codes(path)
+    if decoded.problem:
+        return MaskCheck(decoded.problem, None, False)
+    codes = np.unique(decoded.codes)
+    if len(codes) > MOST_CODES:
+        return MaskCheck(f"not a mask of classes: {len(codes)} different colours or values (at most "
+                         f"{MOST_CODES}); a photo, or edges smoothed when it was drawn or resized?", None, False)
+    height, width = decoded.codes.shape
+    return MaskCheck(None, (width, height), bool(codes[-1] > 0), tuple(int(c) for c in codes), decoded.kind)
+
+
+def mask_problem(path, classes=1):
+    """A MaskCheck of a mask file: it is decoded. classes: NUM_CLASSES (1: the car/background rule of
+    decode_mask; more: every label code is kept, labels_problem)."""
     problem = image_problem(path, photo=False).problem
     if problem:
         return MaskCheck(problem, None, False)
+    if classes > 1:
+        return labels_problem(path)
     decoded = decode_mask(path)
     if decoded.problem:
         return MaskCheck(decoded.problem, None, False)

@@ -78,7 +78,8 @@ def counted_step(model_args, size, amp_dtype=None, checkpointing=False, batch=1,
     (float16 convolutions on a CPU would take minutes)."""
     with FakeTensorMode():
         model = fake_model(model_args, checkpointing).train(training)
-        x, target = torch.rand(batch, 3, *size), (torch.rand(batch, 1, *size) > 0.5).float()
+        channels = model_args.get("out_channels", 1)  # car, or each class's share
+        x, target = torch.rand(batch, 3, *size), (torch.rand(batch, channels, *size) > 0.5).float()
         with LiveTensors() as live, torch.set_grad_enabled(training):
             logits = forward(model, x, torch.device("cpu"), amp_dtype)  # alive to the end, as in train.py
             if training:
@@ -120,7 +121,7 @@ def fitting_settings(config, capacity, amp_dtype):
     """Settings that fit a training step into `capacity` bytes, as --NAME=value text, keeping the
     effective batch (BATCH_SIZE x ACCUMULATE_STEPS: the batch a divisor of it); None when nothing at
     this size fits."""
-    model_args = model_arguments(config["ENCODER"], config["FEATURES"])
+    model_args = model_arguments(config["ENCODER"], config["FEATURES"], config.get("NUM_CLASSES", 1))
     size = training_size(config)
     effective = config["BATCH_SIZE"] * config["ACCUMULATE_STEPS"]
     with FakeTensorMode():

@@ -328,10 +328,12 @@ def build_model(model_args, **switches):
     return UNet(**model_args, **switches)
 
 
-def model_arguments(encoder, features):
-    """model_args of train.py's ENCODER: the plain UNet of FEATURES, or a ResNetUNet."""
-    return {"features": tuple(features)} if encoder == "unet" else {"encoder": encoder}
+def model_arguments(encoder, features, classes=1):
+    """model_args of train.py's ENCODER: the plain UNet of FEATURES, or a ResNetUNet; one output
+    channel (car) or one per class (NUM_CLASSES)."""
+    channels = {"out_channels": classes} if classes > 1 else {}
+    return {"features": tuple(features), **channels} if encoder == "unet" else {"encoder": encoder, **channels}
 
 
-def model_for(encoder, features, **switches):
-    return build_model(model_arguments(encoder, features), **switches)
+def model_for(encoder, features, classes=1, **switches):
+    return build_model(model_arguments(encoder, features, classes), **switches)

@@ -7,7 +7,10 @@ import numpy as np
 from files import replacing
 
 
-def mask_to_rgb(mask):
+def mask_to_rgb(mask, colours=None):
+    """A mask as RGB: car white on black, or with colours ((classes, 3) uint8) each label in its own."""
+    if colours is not None:
+        return np.asarray(colours, np.uint8)[np.asarray(mask, np.intp)]
     return np.repeat((np.asarray(mask) > 0).astype(np.uint8)[..., None] * 255, 3, axis=2)
 
 
@@ -29,6 +32,25 @@ def overlay(image, mask, colour=None, strength=0.45):
     inside = cv2.erode(where.view(np.uint8), np.ones((3, 3), np.uint8), iterations=thickness) > 0
     out[where & ~inside] = colour  # the outline in full colour: the edge shows on any photo
     return out.astype(np.uint8)
+
+
+def overlay_classes(image, labels, colours, names, strength=0.45):
+    """The image with each class of a label map tinted and outlined in its colour, and a legend of
+    the classes present (names[k] in colours[k]) in the top left corner."""
+    import cv2
+
+    out = image
+    present = [k for k in range(1, len(colours)) if (labels == k).any()]
+    for k in present:
+        out = overlay(out, labels == k, tuple(int(c) for c in colours[k]), strength)
+    scale = max(0.4, image.shape[0] / 1000)
+    line = int(30 * scale)
+    for row, k in enumerate(present):
+        top = int(10 * scale) + row * line
+        cv2.rectangle(out, (10, top), (10 + line - 6, top + line - 6), tuple(int(c) for c in colours[k]), -1)
+        cv2.putText(out, names[k], (10 + line, top + line - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.8 * scale,
+                    (255, 255, 255), max(1, int(2 * scale)), cv2.LINE_AA)
+    return out
 
 
 def draw_panels(rows, path, gap=8, title_height=26):
@@ -78,6 +100,10 @@ def save_training_curves(rows, path):
     losses.plot(epochs, [float(r["val_loss"]) for r in rows], "o-", label="validation loss")
     losses.set(xlabel="epoch", ylabel="loss", title="Loss")
     scores.plot(epochs, [float(r["dice"]) for r in rows], "o-", label="Dice")
+    per_class = [r.get("class_dice", "").split() for r in rows]
+    if len(per_class[-1]) > 1 and all(len(dice) == len(per_class[-1]) for dice in per_class):
+        for k in range(len(per_class[-1])):
+            scores.plot(epochs, [float(dice[k]) for dice in per_class], ".--", label=f"Dice of class {k + 1}")
     scores.plot(epochs, [float(r["pixel_accuracy"]) for r in rows], "o-", label="pixel accuracy")
     scores.set(xlabel="epoch", title="Validation")
     from matplotlib.ticker import MaxNLocator
@@ -96,20 +122,22 @@ def save_training_curves(rows, path):
 
 
 def difference_picture(truth, prediction):
-    """Black where right, red for false positives (car predicted on background), blue for misses."""
+    """Black where right, red for false positives (car predicted on background), blue for misses,
+    yellow for a pixel given the wrong one of several classes."""
     picture = np.zeros((*truth.shape, 3), np.uint8)
     picture[(prediction > 0) & (truth == 0)] = (230, 40, 40)
     picture[(prediction == 0) & (truth > 0)] = (40, 90, 230)
     picture[(prediction > 0) & (truth > 0)] = (70, 70, 70)
+    picture[(prediction > 0) & (truth > 0) & (prediction != truth)] = (240, 200, 30)
     return picture
 
 
 class WorstImages:
     """Keeps the `count` lowest-Dice (name, dice, image, truth, prediction), each scaled to `width`
-    pixels wide for drawing."""
+    pixels wide for drawing; truth and prediction are masks, or labels drawn in `colours`."""
 
-    def __init__(self, count=6, width=480):
-        self.count, self.width, self.items = count, width, []
+    def __init__(self, count=6, width=480, colours=None):
+        self.count, self.width, self.items, self.colours = count, width, [], colours
 
     def add(self, name, dice, image, truth, prediction):
         if len(self.items) == self.count and dice >= self.items[-1][1]:
@@ -131,6 +159,9 @@ class WorstImages:
         name and Dice on the first)."""
         if not self.items:
             return None
-        return draw_panels([((image, mask_to_rgb(truth), mask_to_rgb(prediction), difference_picture(truth, prediction)),
-                             (f"{name}  Dice {dice:.4f}", "truth", "prediction", "red: false car, blue: missed car"))
+        legend = "red: false car, blue: missed car" if self.colours is None else \
+            "red: false, blue: missed, yellow: wrong class"
+        return draw_panels([((image, mask_to_rgb(truth, self.colours), mask_to_rgb(prediction, self.colours),
+                              difference_picture(truth, prediction)),
+                             (f"{name}  Dice {dice:.4f}", "truth", "prediction", legend))
                             for name, dice, image, truth, prediction in self.items], path)

@@ -21,9 +21,10 @@ import data_folder
 import image_files
 import memory
 import settings
+from classes import Classes
 from dataset import to_tensor, val_transform
 from files import InUse, WriteError, exclusive, not_a_folder, write_bytes, write_text
-from pictures import WorstImages, overlay
+from pictures import WorstImages, overlay, overlay_classes
 from progress import tqdm
 from submission import (
     RowEncoder,
@@ -221,44 +222,64 @@ class Predictor:
     def __init__(self, model, device, amp_dtype, tta=False):
         self.model, self.device, self.amp_dtype, self.tta = model, device, amp_dtype, tta
 
+    def probability(self, x):
+        """Car probability (N x 1 x H x W), or each class's (N x classes x H x W) for several."""
+        logits = forward(self.model, x, self.device, self.amp_dtype)
+        return torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(1)
+
     @torch.no_grad()
     def at_model_size(self, x):
-        """Car probability (float32, N x 1 x the model's size) of a batch, on the device; with tta the
-        mean with the mirror image's, mirrored back."""
-        probability = torch.sigmoid(forward(self.model, x, self.device, self.amp_dtype))
+        """Car probability (float32, N x 1 x the model's size; N x classes x ... for several classes)
+        of a batch, on the device; with tta the mean with the mirror image's, mirrored back."""
+        probability = self.probability(x)
         if self.tta:
-            probability = (probability + torch.sigmoid(forward(self.model, x.flip(3), self.device,
-                                                               self.amp_dtype)).flip(3)) / 2
+            probability = (probability + self.probability(x.flip(3)).flip(3)) / 2
         return probability
 
     def at_full_size(self, x, sizes):
-        """Car probability of each photo of a batch at the photo's own (height, width)."""
+        """Car probability of each photo of a batch at the photo's own (height, width); for several
+        classes each class's, (height, width, classes)."""
         probability = self.at_model_size(x)
+        if probability.shape[1] > 1:
+            if self.device.type == "cpu":
+                return [resize_probability(np.ascontiguousarray(p.permute(1, 2, 0).numpy()), size)
+                        for p, size in zip(probability, sizes)]
+            return [resize_on_device(probability[i:i + 1], size)[0].permute(1, 2, 0).cpu().numpy()
+                    for i, size in enumerate(sizes)]
         if self.device.type == "cpu":
             return [resize_probability(p, size) for p, size in zip(probability[:, 0].numpy(), sizes)]
         return [resize_on_device(probability[i:i + 1], size)[0, 0].cpu().numpy() for i, size in enumerate(sizes)]
 
 
 class Scores:
-    """Full-resolution Dice and pixel accuracy, and Dice for every threshold in THRESHOLDS."""
+    """Full-resolution Dice and pixel accuracy, and Dice for every threshold in THRESHOLDS; with
+    classes (classes.Classes), each class's Dice, and an image's Dice the mean of its classes' but
+    background."""
 
-    def __init__(self):
+    def __init__(self, classes=None):
         self.dice, self.correct, self.pixels, self.unscored = [], 0, 0, []
         self.by_threshold, self.with_car, self.predicted_car, self.highest = 0.0, 0, 0, 0.0
-        self.worst = WorstImages()
+        self.classes, self.class_dice = classes, []
+        self.worst = WorstImages(colours=classes.colours() if classes else None)
 
     def add(self, path, image, probability, mask, truth):
         if truth is None or truth.shape != mask.shape:
             self.unscored.append(path.name)
             return
-        dice = dice_numpy(mask, truth)
+        if self.classes:
+            self.class_dice.append([dice_numpy(mask == k, truth == k) for k in range(1, len(self.classes))])
+            dice = float(np.mean(self.class_dice[-1]))
+            self.highest = max(self.highest, float(probability[..., 1:].max()))
+            self.correct += int((mask == truth).sum())
+        else:
+            dice = dice_numpy(mask, truth)
+            self.highest = max(self.highest, float(probability.max()))
+            self.correct += int((mask == truth.astype(bool)).sum())
+            self.by_threshold = self.by_threshold + dice_by_threshold(probability, truth)
         self.dice.append(dice)
         self.with_car += bool(truth.any())
         self.predicted_car += bool(mask.any())
-        self.highest = max(self.highest, float(probability.max()))
-        self.correct += int((mask == truth.astype(bool)).sum())
         self.pixels += truth.size
-        self.by_threshold = self.by_threshold + dice_by_threshold(probability, truth)
         if image is not None:
             self.worst.add(path.name, dice, image, truth, mask)
 
@@ -269,15 +290,21 @@ class Scores:
         if not self.dice:
             return
         n = len(self.dice)
-        print(f"full-resolution Dice {np.mean(self.dice):.4f} (mean over {n} images), "
-              f"pixel accuracy {100 * self.correct / self.pixels:.2f}%, threshold {threshold}")
+        if self.classes:
+            print(f"full-resolution Dice {np.mean(self.dice):.4f} (mean over {n} images of the classes' mean), "
+                  f"pixel accuracy {100 * self.correct / self.pixels:.2f}%")
+            print("per class: " + ", ".join(f"{self.classes.name(k + 1)} Dice {dice:.4f}"
+                                            for k, dice in enumerate(np.mean(self.class_dice, 0))))
+        else:
+            print(f"full-resolution Dice {np.mean(self.dice):.4f} (mean over {n} images), "
+                  f"pixel accuracy {100 * self.correct / self.pixels:.2f}%, threshold {threshold}")
         if self.with_car == 0:
             print(f"warning: all {n} true masks are empty (no car), so Dice says nothing of finding cars", file=sys.stderr)
         if self.with_car and not self.predicted_car:
             print(f"warning: the model predicts no car on any of these {n} images (highest car probability "
                   f"{self.highest:.2f}): it has not learned; train it longer or at a higher LEARNING_RATE, a "
                   f"lower threshold is no cure", file=sys.stderr)
-        else:
+        elif not self.classes:
             best = int(np.argmax(self.by_threshold))
             print(f"best threshold on these images: {THRESHOLDS[best]:.2f} (Dice {self.by_threshold[best] / n:.4f}); "
                   f"pass --threshold {THRESHOLDS[best]:.2f} to use it")
@@ -285,10 +312,14 @@ class Scores:
             print(f"worst images drawn in {gallery}")
 
 
-def read_truth(image_path, mask_dir):
+def read_truth(image_path, mask_dir, classes=None):
+    """An image's true mask in mask_dir, as car/background or (classes) class indices; None where
+    it has none that can be read."""
     mask_path = data_folder.find_mask(image_path, mask_dir)
     try:
-        return image_files.read_mask(mask_path) if mask_path else None
+        if mask_path is None:
+            return None
+        return classes.read(mask_path) if classes else image_files.read_mask(mask_path)
     except ValueError:
         return None
 
@@ -297,8 +328,8 @@ class Outputs:
     """Everything asked for each photo: mask and overlay files, a submission row, scores. With an
     encoder (a RowEncoder) only submission rows, made from model-size probabilities."""
 
-    def __init__(self, args, names, threshold, submission, scores, encoder):
-        self.args, self.names, self.threshold = args, names, threshold
+    def __init__(self, args, names, threshold, submission, scores, encoder, classes=None):
+        self.args, self.names, self.threshold, self.classes = args, names, threshold, classes
         self.submission, self.scores, self.encoder, self.written = submission, scores, encoder, 0
 
     @property
@@ -313,18 +344,27 @@ class Outputs:
             self.encoder.write(self.submission)
             return
         for photo, probability in zip(photos, predictor.at_full_size(x, sizes)):
-            self.write(photo, probability > self.threshold, probability)
+            # Several classes: each pixel the most probable class (the threshold is for car alone).
+            mask = probability.argmax(2).astype(np.uint8) if self.classes else probability > self.threshold
+            self.write(photo, mask, probability)
             self.written += 1
 
     def write(self, photo, mask, probability):
         if not self.args.no_images:
             output, name = Path(self.args.output), self.names[photo.path]
-            write_image(output / f"{name}_mask.png", mask.astype(np.uint8) * 255)
-            write_image(output / f"{name}_overlay.jpg", cv2.cvtColor(overlay(photo.image, mask), cv2.COLOR_RGB2BGR))
+            if self.classes:  # in the training masks' own values, palette or colours
+                write_file(output / f"{name}_mask.png", self.classes.png(mask))
+                drawn = overlay_classes(photo.image, mask, self.classes.colours(),
+                                        [self.classes.name(k) for k in range(len(self.classes))])
+            else:
+                write_image(output / f"{name}_mask.png", mask.astype(np.uint8) * 255)
+                drawn = overlay(photo.image, mask)
+            write_image(output / f"{name}_overlay.jpg", cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
         if self.submission:
             self.submission.add(photo.path.name, rle_encode(mask))
         if self.scores:
-            self.scores.add(photo.path, photo.image, probability, mask, read_truth(photo.path, self.args.masks))
+            truth = read_truth(photo.path, self.args.masks, self.classes)
+            self.scores.add(photo.path, photo.image, probability, mask, truth)
 
 
 def default_workers(device):
@@ -360,6 +400,14 @@ def run(args, held):
         print(f"error: {message}", file=sys.stderr)
         return 2
     threshold = args.threshold if args.threshold is not None else state.get("threshold", 0.5)
+    classes = Classes.from_dict(state["classes"]) if state.get("classes") else None
+    if classes and args.submission:
+        print(f"error: --submission: {args.checkpoint} predicts {len(classes)} classes, and a Kaggle Carvana "
+              f"submission holds car masks of one: use a checkpoint trained with NUM_CLASSES=1", file=sys.stderr)
+        return 2
+    if classes and args.threshold is not None:
+        print(f"warning: --threshold is ignored: {args.checkpoint} gives each pixel its most probable of "
+              f"{len(classes)} classes", file=sys.stderr)
     problem = path_problem(paths, args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -381,7 +429,7 @@ def run(args, held):
         paths = [p for p in paths if p.name not in submission.done]
         print(f"resuming {args.submission}: {len(submission.done)} rows already written, {len(paths)} images to go")
     output = Path(args.output)
-    scores = Scores() if args.masks else None
+    scores = Scores(classes) if args.masks else None
 
     # Only submission rows wanted: no full-size decoding, and the rows encoded off the main thread.
     rows_only = args.no_images and scores is None
@@ -393,7 +441,7 @@ def run(args, held):
     loader = DataLoader(ImageFiles(paths, state["image_size"], keep_image),
                         batch_size=args.batch_size, num_workers=workers, collate_fn=as_list)
     encoder = RowEncoder(device, threshold, ENCODER_THREADS, 2 * args.batch_size) if rows_only else None
-    outputs = Outputs(args, names, threshold, submission, scores, encoder)
+    outputs = Outputs(args, names, threshold, submission, scores, encoder, classes)
     resume = f"; the same command with --resume finishes {args.submission}" if submission else ""
     skipped = []
     try:
@@ -498,8 +546,13 @@ def write_image(path, pixels):
     encoded, data = cv2.imencode(path.suffix, pixels)
     if not encoded:
         raise WriteError(f"cannot encode {path}")
+    write_file(path, data.tobytes())
+
+
+def write_file(path, data):
+    """Bytes written whole (files.write_bytes), or WriteError naming the file."""
     try:
-        write_bytes(path, data.tobytes())
+        write_bytes(path, data)
     except OSError as error:
         raise WriteError(f"cannot write {path} ({error.strerror or error})") from None
 
@@ -553,7 +606,8 @@ def summarize(args, outputs, skipped, threshold, output):
         print("error: no image could be predicted", file=sys.stderr)
         return 1
     if not args.no_images:
-        print(f"wrote {predicted} masks (threshold {threshold}{', flip TTA' if args.tta else ''}) "
+        rule = f"{len(outputs.classes)} classes" if outputs.classes else f"threshold {threshold}"
+        print(f"wrote {predicted} masks ({rule}{', flip TTA' if args.tta else ''}) "
               f"and overlays to {output}/")
     if skipped:
         print(f"{len(skipped)} input(s) could not be read and were skipped (named above)", file=sys.stderr)

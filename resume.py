@@ -149,7 +149,24 @@ def check_same_photos(resumed, train_samples, val_samples):
                              f"--CHECKPOINT_DIR")
 
 
-HISTORY_FIELDS = ["epoch", "train_loss", "val_loss", "dice", "pixel_accuracy", "learning_rate", "seconds"]
+def check_same_classes(resumed, classes):
+    """SystemExit when the masks' classes (NUM_CLASSES >= 2) are not those the resumed run learned:
+    its outputs would mean other classes."""
+    saved, now = resumed.state.get("classes"), classes.as_dict() if classes else None
+    if saved != now and (saved or now):
+        from classes import Classes
+
+        def shown(stored):
+            return Classes.from_dict(stored).listed() if stored else "car and background"
+
+        raise SystemExit(f"error: cannot resume (LOAD_MODEL): {resumed.path}'s run learned the classes "
+                         f"{shown(saved)}, the masks now hold {shown(now)}: restore the masks, or start a new "
+                         f"run with another --CHECKPOINT_DIR")
+
+
+# class_dice: each class's Dice (car's, or those of the classes but background), space-separated.
+HISTORY_FIELDS = ["epoch", "train_loss", "val_loss", "dice", "pixel_accuracy", "learning_rate", "seconds",
+                  "class_dice"]
 PLOTTED_FIELDS = HISTORY_FIELDS[:5]  # what the curves need of each row
 
 

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from files import not_a_folder
+from image_files import MOST_CODES
 from model import RESNETS
 from utils import get_device
 
@@ -110,6 +111,9 @@ def check(config):
     for name in AUTO_OR_COUNT:
         if config[name] != "auto" and (not isinstance(config[name], int) or config[name] < 0):
             fail(f"{name} must be auto or a count of 0 or more, got {config[name]!r}")
+    if not 1 <= config["NUM_CLASSES"] <= MOST_CODES:
+        fail(f"NUM_CLASSES must be 1 (car and background) or 2 to {MOST_CODES} (background and the masks' "
+             f"classes), got {config['NUM_CLASSES']}")
     for name in ("VAL_FRACTION", "THRESHOLD"):
         if not 0 < config[name] < 1:
             fail(f"{name} must be between 0 and 1, got {config[name]}")

@@ -1,7 +1,8 @@
 """Synthetic Carvana-format data: the demo's and the tests' stand-in for the real download.
 
 Same names and formats as Kaggle's files: train/<12-hex car id>_<angle>.jpg (JPEG) and
-train_masks/<car id>_<angle>_mask.gif (2-colour palette GIF, raw values {0,1}).
+train_masks/<car id>_<angle>_mask.gif (2-colour palette GIF, raw values {0,1}); or, with classes,
+train_masks/<car id>_<angle>_mask.png (palette PNG: background, body, windows, wheels).
 """
 import os
 from pathlib import Path
@@ -48,8 +49,13 @@ def _car_polygons(car, scene, angle, width, height):
     return np.array(body), np.array(cabin), wheels, floor
 
 
-def synthetic_pair(car, scene, angle, width, height):
-    """One RGB image and its {0,1} mask: `car` draws the car's own looks, `scene` the rest."""
+# Palette of the masks with classes: background, body, windows, wheels (Pascal VOC's first colours).
+CLASS_PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0]
+
+
+def synthetic_pair(car, scene, angle, width, height, classes=False):
+    """One RGB image and its {0,1} mask (with classes: labels 0 background, 1 body, 2 windows,
+    3 wheels): `car` draws the car's own looks, `scene` the rest."""
     rng = scene
     base = rng.uniform(150, 245)
     wall = np.full((height, width, 3), base, np.float32) + _noise(rng, height, width, 24, 12)
@@ -86,6 +92,8 @@ def synthetic_pair(car, scene, angle, width, height):
     image = np.where(tyres[..., None] == 1, 25 + _noise(rng, height, width, 8, 4), image)
     image += rng.normal(0, 3, image.shape).astype(np.float32)
     mask = car | tyres
+    if classes:
+        mask = np.select([tyres == 1, glass == 1, car == 1], [3, 2, 1], 0).astype(np.uint8)
     return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
@@ -96,8 +104,9 @@ def save_gif_mask(mask, path):
     gif.save(path, format="GIF", optimize=False)
 
 
-def make_synthetic(root, cars=24, angles=16, size=(1918, 1280), seed=0, progress=True):
-    """Write `root/train/<id>_<angle>.jpg` and `root/train_masks/<id>_<angle>_mask.gif`.
+def make_synthetic(root, cars=24, angles=16, size=(1918, 1280), seed=0, progress=True, classes=False):
+    """Write `root/train/<id>_<angle>.jpg` and `root/train_masks/<id>_<angle>_mask.gif` (with classes,
+    palette PNGs of 4 classes: train.py --NUM_CLASSES=4).
 
     size is (width, height), Carvana's 1918x1280 by default. Returns the number of images.
     """
@@ -114,11 +123,16 @@ def make_synthetic(root, cars=24, angles=16, size=(1918, 1280), seed=0, progress
         # One seed per car keeps its looks across its 16 photos; one per photo varies the scene.
         looks = np.random.default_rng([seed, int(car, 16)])
         scene = np.random.default_rng([seed, int(car, 16), angle])
-        image, mask = synthetic_pair(looks, scene, angle, *size)
+        image, mask = synthetic_pair(looks, scene, angle, *size, classes)
         stem = f"{car}_{angle:02d}"
         jpeg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])[1]
         temporary = images / f".{stem}.jpg.tmp"
         jpeg.tofile(temporary)
         os.replace(temporary, images / f"{stem}.jpg")
-        save_gif_mask(mask, masks / f"{stem}_mask.gif")
+        if classes:
+            labels = Image.fromarray(mask, mode="P")
+            labels.putpalette(CLASS_PALETTE)
+            labels.save(masks / f"{stem}_mask.png")
+        else:
+            save_gif_mask(mask, masks / f"{stem}_mask.gif")
     return len(jobs)

@@ -28,6 +28,7 @@ import resume
 import settings
 import synthetic
 from cache import split_cache
+from classes import Classes, find_classes
 from files import InUse, exclusive, make_run_folder, replacing, write_text
 from model import model_for
 from pictures import WorstImages, save_training_curves
@@ -40,6 +41,7 @@ from utils import (
     all_finite,
     autocast_dtype,
     available_cores,
+    class_colours,
     clean_state_dict,
     evaluate,
     forward,
@@ -82,6 +84,7 @@ ENCODER_WEIGHTS = "imagenet"      # ResNets: "imagenet" (torchvision's, download
 ENCODER_LR_FACTOR = 1.0           # a ResNet encoder's rate as a multiple of LEARNING_RATE (0 < x <= 1; README: Pretrained encoders)
 FEATURES = (64, 128, 256, 512)    # plain UNet channels per level; the bottleneck has twice the last (about 31M parameters)
 THRESHOLD = 0.5                   # probability above which a pixel counts as car, between 0 and 1
+NUM_CLASSES = 1                   # 1: car and background; N >= 2: background and N - 1 classes, the masks' values or colours
 EMA_DECAY = 0.99                  # validate and save an average of the weights (0 <= decay < 1; 0: the weights as trained)
 BATCHNORM_IMAGES = "auto"         # training images (unaugmented) for the BatchNorm statistics of each validation: "auto" (a quarter, 32 to 256), a count, 0: off
 SAVED_IMAGES = "saved_images"     # pictures of a run go to SAVED_IMAGES/<CHECKPOINT_DIR's path>/ (curves, predictions)
@@ -178,9 +181,14 @@ def run(config, named, rank, world_size, device, fast_paths=True):
     with stopwatch.part("photo checks"):
         train_samples, val_samples = data_folder.training_split(
             config["DATA_DIR"], config["VAL_FRACTION"], config["SEED"],
-            Path(cache_dir) / "mask_checks.json" if cache_dir else None, show=rank == 0)
+            Path(cache_dir) / "mask_checks.json" if cache_dir else None, show=rank == 0,
+            classes=config["NUM_CLASSES"])
+        classes = None
+        if config["NUM_CLASSES"] > 1:  # the masks' values or colours, found over the training masks
+            classes, val_samples = find_classes(train_samples, val_samples, config["NUM_CLASSES"], show=rank == 0)
     if resumed:
         resume.check_same_photos(resumed, train_samples, val_samples)
+        resume.check_same_classes(resumed, classes)
     log(f"device {device}{f' x {world_size} processes' if world_size > 1 else ''}, mixed precision "
         f"{amp_dtype or 'off'}, {len(train_samples)} training and {len(val_samples)} validation images "
         f"at {config['IMAGE_HEIGHT']}x{config['IMAGE_WIDTH']}")
@@ -199,7 +207,7 @@ def run(config, named, rank, world_size, device, fast_paths=True):
 
     # Loaders of the training, validation and BatchNorm images, from the resized cache where it fits.
     with stopwatch.part("cache and loaders"):
-        loaders = make_loaders(train_samples, val_samples, config, device, rank, world_size, fast_paths)
+        loaders = make_loaders(train_samples, val_samples, config, device, rank, world_size, fast_paths, classes)
 
     # The epoch loop: train, validate the averaged weights as they are saved, save.
     steps_per_epoch = optimizer_steps(loaders.train, config)
@@ -230,7 +238,7 @@ def run(config, named, rank, world_size, device, fast_paths=True):
             stop_without_saving(checkpoints, f"the weights became non-finite during epoch {epoch + 1}")
         last = epoch + 1 == config["NUM_EPOCHS"]
         # The last validation also picks the worst images for the gallery (one process scores them all).
-        worst = WorstImages() if last and world_size == 1 else None
+        worst = WorstImages(colours=class_colours(classes)) if last and world_size == 1 else None
         metrics = unless_out_of_memory(validate, state, loaders, config, rank, world_size, stopwatch, worst)
         if metrics is OUT_OF_MEMORY:
             out_of_memory(config, state, checkpoints)
@@ -242,7 +250,7 @@ def run(config, named, rank, world_size, device, fast_paths=True):
                           "model_args": dict(state.model.model_args), "split": split,
                           "image_size": (config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]),
                           "crop_size": (config["CROP_HEIGHT"], config["CROP_WIDTH"]),
-                          "threshold": config["THRESHOLD"]}
+                          "threshold": config["THRESHOLD"], "classes": classes and classes.as_dict()}
             with stopwatch.part("checkpoints and history"):
                 record_epoch(config, epoch, train_loss, metrics, started, history, checkpoint, improved)
             # Matplotlib takes most of a second per drawing: redraw while training at most once a minute.
@@ -387,7 +395,7 @@ def build_model(config, device, matmul_upsampling=True, pretrained=False):
     """The model of ENCODER; with `pretrained`, its encoder holds ENCODER_WEIGHTS (a new run: a
     resume's weights come from its checkpoint)."""
     memory_format = torch.channels_last if config["CHANNELS_LAST"] else torch.contiguous_format
-    model = model_for(config["ENCODER"], config["FEATURES"], matmul_upsampling=matmul_upsampling,
+    model = model_for(config["ENCODER"], config["FEATURES"], config["NUM_CLASSES"], matmul_upsampling=matmul_upsampling,
                       activation_checkpointing=config["ACTIVATION_CHECKPOINTING"])
     if pretrained and config["ENCODER"] != "unet":
         try:
@@ -482,12 +490,13 @@ class Loaders:
     val_images: dataset.CarvanaDataset  # all of them, for the pictures
 
 
-def make_loaders(train_samples, val_samples, config, device, rank, world_size, reduced_decoding=True):
-    """The loaders of a run, reading from the resized cache where it can be built."""
+def make_loaders(train_samples, val_samples, config, device, rank, world_size, reduced_decoding=True, classes=None):
+    """The loaders of a run, reading from the resized cache where it can be built; with classes
+    (classes.Classes), of masks read as classes."""
     size = (config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"])
     builds = int(os.environ.get("LOCAL_RANK", "0")) == 0  # node-local cache folders work too
     cache_workers = config["NUM_WORKERS"] if config["NUM_WORKERS"] != "auto" else min(8, available_cores())
-    caches = {name: split_cache(samples, name, config["CACHE_DIR"], size, builds, cache_workers)
+    caches = {name: split_cache(samples, name, config["CACHE_DIR"], size, builds, cache_workers, classes)
               if config["CACHE_DIR"] else None for name, samples in (("train", train_samples), ("val", val_samples))}
     workers = loader_workers(config, device, caches["train"] is not None)
     # Unaugmented images from the cache need no worker; otherwise workers started for each pass, so
@@ -495,15 +504,16 @@ def make_loaders(train_samples, val_samples, config, device, rank, world_size, r
     passes = 0 if caches["train"] is not None and caches["val"] is not None else workers
     crop = (config["CROP_HEIGHT"], config["CROP_WIDTH"]) if config["CROP_HEIGHT"] else None
     train_set = dataset.CarvanaDataset(train_samples, dataset.train_transform(crop), size, caches["train"],
-                                       reduced_decoding)
+                                       reduced_decoding, classes)
     sampler = dataset.EpochSampler(train_set, config["SEED"], rank, world_size)
     # Each process scores every world_size-th validation image; evaluate adds up the sums.
     val_share = dataset.CarvanaDataset(val_samples[rank::world_size], dataset.val_transform(), size, caches["val"],
-                                       reduced_decoding)
-    batchnorm_images = batchnorm_set(train_samples, config, caches["train"], reduced_decoding)
+                                       reduced_decoding, classes)
+    batchnorm_images = batchnorm_set(train_samples, config, caches["train"], reduced_decoding, classes)
     return Loaders(make_loader(train_set, config, device, workers, sampler, persistent=True), sampler,
                    make_loader(val_share, config, device, passes), make_loader(batchnorm_images, config, device, passes),
-                   dataset.CarvanaDataset(val_samples, dataset.val_transform(), size, caches["val"], reduced_decoding))
+                   dataset.CarvanaDataset(val_samples, dataset.val_transform(), size, caches["val"], reduced_decoding,
+                                          classes))
 
 
 def make_loader(images, config, device, workers, sampler=None, persistent=False):
@@ -524,14 +534,14 @@ def loader_workers(config, device, cached):
     return 0 if cached else min(2, cores // 4)
 
 
-def batchnorm_set(samples, config, cache, reduced_decoding=True):
+def batchnorm_set(samples, config, cache, reduced_decoding=True, classes=None):
     """The training images that the validated model's BatchNorm statistics are recomputed on before
     each validation: up to BATCHNORM_IMAGES of them, drawn once with SEED (so a resume draws the same),
     without augmentation, as validation and predict.py see images."""
     count = min(len(samples), batchnorm_count(config["BATCHNORM_IMAGES"], len(samples))) or 1
     chosen = sorted(random.Random(config["SEED"]).sample(range(len(samples)), count))
     return dataset.CarvanaDataset([samples[i] for i in chosen], dataset.val_transform(),
-                                  (config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]), cache, reduced_decoding)
+                                  (config["IMAGE_HEIGHT"], config["IMAGE_WIDTH"]), cache, reduced_decoding, classes)
 
 
 def batchnorm_count(setting, training_images):
@@ -568,6 +578,10 @@ def record_epoch(config, epoch, train_loss, metrics, started, history, checkpoin
     print(f"epoch {epoch + 1}/{config['NUM_EPOCHS']}: train loss {train_loss:.4f}, "
           f"val loss {metrics['loss']:.4f}, val Dice {metrics['dice']:.4f}, "
           f"pixel accuracy {100 * metrics['pixel_accuracy']:.2f}% ({time.time() - started:.0f}s)")
+    if checkpoint["classes"]:  # val Dice is the mean of these
+        classes = Classes.from_dict(checkpoint["classes"])
+        print("  per class: " + ", ".join(f"{classes.name(k + 1)} Dice {dice:.4f} IoU {iou:.4f}" for k, (dice, iou)
+                                          in enumerate(zip(metrics["class_dice"], metrics["class_iou"]))))
     if not predicts_car(metrics):
         print(f"  the model predicts no car on any of the {metrics['images']} validation photos (highest car "
               f"probability {metrics['highest_probability']:.2f}, THRESHOLD {config['THRESHOLD']}), so it is not "
@@ -575,7 +589,8 @@ def record_epoch(config, epoch, train_loss, metrics, started, history, checkpoin
     history.append({"epoch": epoch + 1, "train_loss": f"{train_loss:.5f}", "val_loss": f"{metrics['loss']:.5f}",
                     "dice": f"{metrics['dice']:.5f}", "pixel_accuracy": f"{metrics['pixel_accuracy']:.5f}",
                     "learning_rate": f"{checkpoint['optimizer']['param_groups'][0]['lr']:.3g}",
-                    "seconds": f"{time.time() - started:.1f}"})
+                    "seconds": f"{time.time() - started:.1f}",
+                    "class_dice": " ".join(f"{dice:.5f}" for dice in metrics["class_dice"])})
     try:
         write_history(history, checkpoints / "history.csv")
         if improved:
@@ -639,7 +654,7 @@ def draw_all_pictures(state, loaders, config, history, worst, best_dice):
     written = save_predictions_as_imgs(images, state.average.model, pictures, state.device,
                                        one_per_car(images.samples), config["THRESHOLD"], state.amp_dtype)
     if worst is None:  # torchrun, or a resumed run with no epochs left: score the whole set here
-        worst = WorstImages()
+        worst = WorstImages(colours=class_colours(images.classes))
         evaluate(make_loader(images, config, state.device, 0), state.average.model, state.device,
                  config["THRESHOLD"], state.amp_dtype, worst=worst)
     curves = pictures / "training_curves.png"

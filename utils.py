@@ -215,18 +215,50 @@ def dice_by_threshold(probability, truth):
     return np.where(total == 0, 1.0, 2 * overlap / np.maximum(total, 1))
 
 
+def class_masks(logits, y, threshold=0.5):
+    """(predicted, true, highest) of a batch: boolean N x K x H x W masks of the K scored classes (car,
+    for one output channel; with several, each class but the background, channel 0) and the highest
+    probability of any of them. A pixel is the class of highest probability, or car above threshold."""
+    if logits.shape[1] == 1:
+        probability = torch.sigmoid(logits)
+        return probability > threshold, y > 0.5, probability.max()
+    probability = logits.softmax(1)
+    scored = torch.arange(1, logits.shape[1], device=logits.device)[None, :, None, None]
+    return (probability.argmax(1, keepdim=True) == scored, y.argmax(1, keepdim=True) == scored,
+            probability[:, 1:].max())
+
+
+def scored_classes(model):
+    """The classes a model's Dice is the mean of: car, or each of its classes but the background."""
+    return max(1, getattr(model, "model_args", {}).get("out_channels", 1) - 1)
+
+
+def as_labels(masks):
+    """N x K x H x W boolean class masks as N x H x W uint8 labels (0 background, k for class k)."""
+    scored = torch.arange(1, masks.shape[1] + 1, device=masks.device, dtype=torch.uint8)[None, :, None, None]
+    return (masks.to(torch.uint8) * scored).sum(1, dtype=torch.uint8)
+
+
+def iou_from_counts(overlap, total):
+    overlap, total = np.asarray(overlap, np.float64), np.asarray(total, np.float64)
+    union = total - overlap
+    return np.where(union == 0, 1.0, overlap / np.maximum(union, 1))
+
+
 @torch.no_grad()
 def evaluate(loader, model, device, threshold=0.5, amp_dtype=None, loss_fn=None, worst=None, all_ranks=False):
     """Mean per-image Dice, pixel accuracy and (with loss_fn) mean loss over a loader, and what tells
     a model that learned nothing: the images whose truth has car, those where car is predicted, and
-    the highest car probability. With a WorstImages `worst`, also collects the lowest-Dice images
-    (the loader must not shuffle). With all_ranks, each torchrun process scores its share and the
-    sums are added over processes. The counts stay on the device until the end: one wait for it,
-    not several a batch."""
+    the highest car probability. With several classes an image's Dice is the mean of its classes'
+    other than background, and each class's mean Dice and IoU are reported too (class_dice,
+    class_iou). With a WorstImages `worst`, also collects the lowest-Dice images (the loader must
+    not shuffle). With all_ranks, each torchrun process scores its share and the sums are added
+    over processes. The counts stay on the device until the end: one wait for it, not several a
+    batch."""
     names = iter(Path(sample.image).name for sample in loader.dataset.samples) if worst is not None else None
     was_training = model.training
     model.eval()
-    counts, losses = [], []  # per batch: int64 (overlap, total, correct, with car, predicted car); loss
+    counts, losses = [], []  # per batch: int64 (overlap, total) per class, (correct, with car, predicted car); loss
     pixels = 0
     highest = torch.zeros((), device=device)
     for x, y in loader:
@@ -234,40 +266,46 @@ def evaluate(loader, model, device, threshold=0.5, amp_dtype=None, loss_fn=None,
         y = to_device(y, device)
         if loss_fn is not None:
             losses.append(loss_fn(logits, y).detach() * x.shape[0])
-        probability = torch.sigmoid(logits)
-        highest = torch.maximum(highest, probability.max())
-        prediction = probability > threshold
-        target = y > 0.5
-        overlap, total = dice_counts(prediction, target)
-        correct = (prediction == target).flatten(1).sum(1)
-        counts.append(torch.stack((overlap, total, correct, target.flatten(1).any(1).long(),
-                                    prediction.flatten(1).any(1).long())))
+        prediction, target, top = class_masks(logits, y, threshold)
+        highest = torch.maximum(highest, top)
+        overlap = (prediction & target).flatten(2).sum(2)
+        total = prediction.flatten(2).sum(2) + target.flatten(2).sum(2)
+        correct = (prediction == target).all(1).flatten(1).sum(1)
+        counts.append((overlap, total, torch.stack((correct, target.flatten(1).any(1).long(),
+                                                    prediction.flatten(1).any(1).long()))))
         if worst is not None:
-            scores = dice_from_counts(overlap.cpu().numpy(), total.cpu().numpy())
+            scores = dice_from_counts(overlap.cpu().numpy(), total.cpu().numpy()).mean(1)
+            truths, predictions = as_labels(target).cpu().numpy(), as_labels(prediction).cpu().numpy()
             for i, name in zip(range(x.shape[0]), names):
                 image = (x[i].float().permute(1, 2, 0).cpu().numpy().clip(0, 1) * 255).astype(np.uint8)
-                worst.add(name, float(scores[i]), image, target[i, 0].cpu().numpy(), prediction[i, 0].cpu().numpy())
-        pixels += target.numel()
+                worst.add(name, float(scores[i]), image, truths[i], predictions[i])
+        pixels += target[:, 0].numel()
     model.train(was_training)
     # On the host in NumPy: float64 sums, and no float64 tensor on the device.
-    counts = torch.cat(counts, 1).cpu().numpy() if counts else np.zeros((5, 0), np.int64)
-    dice_sum = float(dice_from_counts(counts[0], counts[1]).sum())
+    classes = scored_classes(model)  # known without a batch: a torchrun process may have none
+    overlap, total = (torch.cat([batch[part] for batch in counts]).cpu().numpy() if counts
+                      else np.zeros((0, classes), np.int64) for part in (0, 1))
+    others = torch.cat([batch[2] for batch in counts], 1).cpu().numpy() if counts else np.zeros((3, 0), np.int64)
+    dice, iou = dice_from_counts(overlap, total), iou_from_counts(overlap, total)
+    dice_sum, class_sums = float(dice.mean(1).sum()), np.concatenate((dice.sum(0), iou.sum(0)))
     loss_sum = float(torch.stack(losses).cpu().numpy().astype(np.float64).sum()) if losses else 0.0
-    images, correct, with_car, predicted_car = counts.shape[1], *counts[2:].sum(1).tolist()
+    images, correct, with_car, predicted_car = overlap.shape[0], *others.sum(1).tolist()
     if all_ranks:
         # float64 for exact sums; NCCL reduces CUDA tensors, Gloo CPU ones (MPS never runs torchrun).
         where = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-        sums = torch.tensor([dice_sum, images, correct, pixels, loss_sum, with_car, predicted_car],
+        sums = torch.tensor([dice_sum, images, correct, pixels, loss_sum, with_car, predicted_car, *class_sums],
                             dtype=torch.float64, device=where)
         torch.distributed.all_reduce(sums)
         highest = highest.to(where)
         torch.distributed.all_reduce(highest, torch.distributed.ReduceOp.MAX)
-        dice_sum, images, correct, pixels, loss_sum, with_car, predicted_car = sums.tolist()
+        dice_sum, images, correct, pixels, loss_sum, with_car, predicted_car, *class_sums = sums.tolist()
     if images == 0:
         raise ValueError("the validation loader yielded no images")
+    class_means = np.asarray(class_sums, np.float64) / images
     return {"dice": dice_sum / images, "pixel_accuracy": correct / pixels, "loss": loss_sum / images,
             "images": int(images), "images_with_car": int(with_car), "images_predicted_car": int(predicted_car),
-            "highest_probability": highest.item()}
+            "highest_probability": highest.item(), "class_dice": class_means[:classes].tolist(),
+            "class_iou": class_means[classes:].tolist()}
 
 
 def dice_loss(logits, target, eps=1.0):
@@ -293,8 +331,39 @@ def lovasz_hinge(logits, target):
     return ((F.elu(errors) + 1) * weights).sum(1).mean()
 
 
+def lovasz_softmax(probability, labels):
+    """Lovasz-softmax per image and class present, averaged (Berman et al. 2018): the Lovasz hinge's
+    Jaccard surrogate for several classes, on the softmax probabilities (N x C x H x W) against
+    N x H x W class labels."""
+    probability = probability.flatten(2)
+    truth = F.one_hot(labels.flatten(1), probability.shape[1]).transpose(1, 2).to(probability.dtype)
+    errors, order = (truth - probability).abs().sort(dim=2, descending=True)
+    truth = truth.gather(2, order)
+    totals = truth.sum(2, keepdim=True)
+    jaccard = 1 - (totals - truth.cumsum(2)) / (totals + (1 - truth).cumsum(2))  # never 0 / 0
+    weights = torch.cat((jaccard[..., :1], jaccard[..., 1:] - jaccard[..., :-1]), 2)
+    losses, present = (errors * weights).sum(2), (totals[..., 0] > 0).to(errors.dtype)
+    return (losses * present).sum() / present.sum().clamp_min(1)  # no wait for the device
+
+
+def multiclass_loss(logits, shares, kind="lovasz"):
+    """Cross-entropy against each pixel's class shares, plus the Lovasz-softmax ("lovasz") or the soft
+    Dice of the classes other than background ("dice")."""
+    shares = shares / shares.sum(1, keepdim=True).clamp_min(1e-6)  # shares stored as bytes add up to about 1
+    probability = logits.softmax(1)
+    if kind == "lovasz":
+        overlap = lovasz_softmax(probability, shares.argmax(1))
+    else:
+        predicted, truth = probability[:, 1:].flatten(2), shares[:, 1:].flatten(2)
+        overlap = (1 - (2 * (predicted * truth).sum(2) + 1) / (predicted.sum(2) + truth.sum(2) + 1)).mean()
+    return F.cross_entropy(logits, shares) + overlap
+
+
 def segmentation_loss(logits, target, kind="lovasz"):
-    """Binary cross-entropy plus the Lovasz hinge ("lovasz", train.py's default) or soft Dice ("dice")."""
+    """Binary cross-entropy plus the Lovasz hinge ("lovasz", train.py's default) or soft Dice ("dice");
+    for logits of several classes, multiclass_loss."""
+    if logits.shape[1] > 1:
+        return multiclass_loss(logits, target, kind)
     overlap = lovasz_hinge(logits, target) if kind == "lovasz" else dice_loss(logits, target)
     return F.binary_cross_entropy_with_logits(logits, target) + overlap
 
@@ -412,23 +481,31 @@ def model_from_checkpoint(state, device="cpu"):
 def save_predictions_as_imgs(dataset, model, folder="saved_images", device="cpu", indices=range(4),
                              threshold=0.5, amp_dtype=None):
     """For the samples at `indices`: one PNG each of image | true mask | predicted mask under their
-    titles, named pred_<source image>.png; earlier pred_*.png in the folder that this call did not
-    write (another split's images) are removed. Returns the paths written."""
+    titles (classes in their colours), named pred_<source image>.png; earlier pred_*.png in the
+    folder that this call did not write (another split's images) are removed. Returns the paths
+    written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
+    colours = class_colours(dataset.classes)
     written = []
     for index in indices:
         x, y = dataset[index]
-        probability = torch.sigmoid(forward(model, x[None], device, amp_dtype))[0, 0].cpu().numpy()
+        prediction, truth, _ = class_masks(forward(model, x[None], device, amp_dtype), y[None].to(device), threshold)
         image = (x.permute(1, 2, 0).numpy().clip(0, 1) * 255).astype(np.uint8)
         name = Path(dataset.samples[index].image).name
         path = folder / f"pred_{Path(name).stem}.png"
-        draw_panels([((image, mask_to_rgb(y[0].numpy()), mask_to_rgb(probability > threshold)),
+        draw_panels([((image, mask_to_rgb(as_labels(truth)[0].cpu().numpy(), colours),
+                       mask_to_rgb(as_labels(prediction)[0].cpu().numpy(), colours)),
                       (name, "true mask", "predicted mask"))], path)
         written.append(path)
     for stale in set(folder.glob("pred_*.png")) - set(written):
         stale.unlink(missing_ok=True)
     model.train(was_training)
     return written
+
+
+def class_colours(classes):
+    """The colour of each label in pictures: white car on black, or each class's (classes.Classes)."""
+    return None if classes is None else classes.colours()

@@ -305,7 +305,7 @@ def test_files_that_cannot_be_binary_masks_are_skipped_with_the_reason(tmp_path,
     samples, problems = data_folder.scan_pairs(images, masks)
     reasons = {path.name: reason for path, reason in problems.skipped}
     assert reasons["three.png"] == ("not a mask: 3 colours (0, 128, 255); a mask has black background and one "
-                                    "car colour")
+                                    "car colour (masks of several classes: set NUM_CLASSES)")
     assert reasons["no_black.png"] == ("not a mask: neither of its colours (0, 0, 255) and (255, 255, 255) is "
                                        "black, the background")
     assert re.fullmatch(r"not a mask: \d+% of its pixels are between background and car colour", reasons["photo.jpg"])

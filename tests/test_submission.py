@@ -171,7 +171,9 @@ def test_training_writes_history_curves_and_gallery(trained):
     tmp, _ = trained
     rows = list(csv.DictReader((tmp / "checkpoints" / "history.csv").read_text().splitlines()))
     assert [row["epoch"] for row in rows] == [str(epoch) for epoch in range(1, 9)]
-    assert set(rows[0]) == {"epoch", "train_loss", "val_loss", "dice", "pixel_accuracy", "learning_rate", "seconds"}
+    assert set(rows[0]) == {"epoch", "train_loss", "val_loss", "dice", "pixel_accuracy", "learning_rate", "seconds",
+                            "class_dice"}
+    assert all(row["class_dice"] == row["dice"] for row in rows)  # one class, car: its Dice is the Dice
     assert float(rows[0]["seconds"]) > 0
     for name in ("training_curves.png", "worst_predictions.png"):
         with Image.open(tmp / "saved_images" / "checkpoints" / name) as picture:
