@@ -26,6 +26,7 @@ class Classes:
     codes: tuple         # each class's code (a value, or a colour as 0xRRGGBB), ascending: 0 first
     palette: tuple = ()  # the training masks' palette (768 numbers) where they have one, for writing
     indices: tuple = ()  # each class's index in that palette
+    wide: bool = False   # label values written with 16 bits, as the training masks were
 
     def __len__(self):
         return len(self.codes)
@@ -48,12 +49,12 @@ class Classes:
     def as_dict(self):
         """What a checkpoint keeps (plain lists: torch.load's weights_only reads them)."""
         return {"kind": self.kind, "codes": list(self.codes), "palette": list(self.palette),
-                "indices": list(self.indices)}
+                "indices": list(self.indices), "wide": self.wide}
 
     @classmethod
     def from_dict(cls, stored):
         return cls(stored["kind"], tuple(stored["codes"]), tuple(stored.get("palette", ())),
-                   tuple(stored.get("indices", ())))
+                   tuple(stored.get("indices", ())), bool(stored.get("wide", False)))
 
     def read(self, path):
         """A mask file as uint8 class indices; ValueError naming the file where it cannot be read,
@@ -61,7 +62,7 @@ class Classes:
         decoded = label_codes(path)
         if decoded.problem:
             raise ValueError(f"{path}: {decoded.problem}")
-        if decoded.kind != self.kind:
+        if decoded.kind != self.kind and decoded.codes.any():  # all background fits either kind
             raise ValueError(f"{path}: holds {KIND_NAMES[decoded.kind]}, the classes are {KIND_NAMES[self.kind]}")
         return self.labels(decoded.codes, path)
 
@@ -86,16 +87,20 @@ class Classes:
         """Class indices as PNG bytes in the training masks' encoding: their label values (8 or 16
         bits), their palette and indices, or their RGB colours."""
         labels = np.asarray(labels, np.intp)
+        options = {}
         if self.kind == "values":
             codes = np.array(self.codes)
-            image = Image.fromarray(codes[labels].astype(np.uint8 if codes.max() < 256 else np.uint16))
+            image = Image.fromarray(codes[labels].astype(np.uint16 if self.wide else np.uint8))
         elif self.palette:
             image = Image.fromarray(np.array(self.indices, np.uint8)[labels], "P")
             image.putpalette(list(self.palette))
+            background = self.indices[0]
+            if any(self.palette[3 * background:3 * background + 3]):  # background by transparency
+                options["transparency"] = background
         else:
             image = Image.fromarray(self.colours()[labels], "RGB")
         stream = io.BytesIO()
-        image.save(stream, format="PNG")
+        image.save(stream, format="PNG", **options)
         return stream.getvalue()
 
 
@@ -116,27 +121,28 @@ def find_classes(train, val, count, show=True):
     is named and skipped. SystemExit with one line where the training masks do not fit `count`."""
     by_kind = defaultdict(list)
     for sample in train:
-        by_kind[sample.kind].append(sample.mask.name)
+        if any(sample.codes):  # a mask of background alone fits either kind
+            by_kind[sample.kind].append(sample.mask.name)
     if len(by_kind) > 1:
         shown = " and ".join(f"{KIND_NAMES[kind]} ({len(names)} masks, e.g. {names[0]})"
                              for kind, names in sorted(by_kind.items()))
         raise SystemExit(f"error: NUM_CLASSES: the training masks mix {shown}: save them all one way")
-    kind = next(iter(by_kind))
+    kind = next(iter(by_kind), train[0].kind)
     holders = defaultdict(list)
     for sample in train:
         for code in sample.codes:
             holders[code].append(sample.mask.name)
     codes = tuple(sorted({0, *holders}))
-    classes = Classes(kind, codes, *palette_of(train[0].mask, codes) if kind == "colours" else ())
+    classes = encoding(kind, codes, [sample for sample in train if sample.kind == kind][0].mask)
     if len(codes) != count:
         found = ", ".join(f"{classes.code_name(code)} ({len(holders[code])} mask{'s' * (len(holders[code]) != 1)}"
-                          f"{': ' + holders[code][0] if len(holders[code]) <= 2 else ''})" for code in codes[:12])
+                          f"{': ' + holders[code][0] if 0 < len(holders[code]) <= 2 else ''})" for code in codes[:12])
         raise SystemExit(f"error: NUM_CLASSES={count}, but the {len(train)} training masks hold {len(codes)} "
                          f"classes with the background: {found}{', ...' if len(codes) > 12 else ''}; set "
                          f"NUM_CLASSES={len(codes)}, or correct the masks holding a stray value")
     kept, skipped = [], []
     for sample in val:
-        if sample.kind != kind:
+        if sample.kind != kind and any(sample.codes):
             skipped.append((sample.mask, f"holds {KIND_NAMES[sample.kind]}, the training masks {KIND_NAMES[kind]}"))
         elif not set(sample.codes) <= set(codes):
             stray = ", ".join(classes.code_name(code) for code in sorted(set(sample.codes) - set(codes))[:4])
@@ -151,6 +157,19 @@ def find_classes(train, val, count, show=True):
         raise SystemExit(f"error: none of the {len(val)} validation masks holds only the training masks' classes "
                          f"({classes.listed()}), so nothing can be validated")
     return classes, kept
+
+
+def encoding(kind, codes, path):
+    """The Classes of these codes, written as the training mask at path was: label values with 8 or
+    16 bits, or colours with its palette where it has one holding every code (else RGB)."""
+    if kind == "values":
+        if codes[-1] > 65535:
+            raise SystemExit(f"error: NUM_CLASSES: {path} holds the label value {codes[-1]}: label values "
+                             f"above 65535 cannot be written back as PNG; number the classes from 1")
+        with Image.open(path) as image:
+            wide = image.mode.startswith("I") or codes[-1] > 255
+        return Classes(kind, codes, wide=wide)
+    return Classes(kind, codes, *palette_of(path, codes))
 
 
 def palette_of(path, codes):

@@ -43,13 +43,14 @@ def overlay_classes(image, labels, colours, names, strength=0.45):
     present = [k for k in range(1, len(colours)) if (labels == k).any()]
     for k in present:
         out = overlay(out, labels == k, tuple(int(c) for c in colours[k]), strength)
-    scale = max(0.4, image.shape[0] / 1000)
-    line = int(30 * scale)
+    scale, thickness = max(0.4, image.shape[0] / 600), max(1, round(image.shape[0] / 400))
+    (_, height), _ = cv2.getTextSize("Mg", cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    line, margin = height * 2, height // 2 + 2
     for row, k in enumerate(present):
-        top = int(10 * scale) + row * line
-        cv2.rectangle(out, (10, top), (10 + line - 6, top + line - 6), tuple(int(c) for c in colours[k]), -1)
-        cv2.putText(out, names[k], (10 + line, top + line - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.8 * scale,
-                    (255, 255, 255), max(1, int(2 * scale)), cv2.LINE_AA)
+        top = margin + row * line
+        cv2.rectangle(out, (margin, top), (margin + height, top + height), tuple(int(c) for c in colours[k]), -1)
+        cv2.putText(out, names[k], (margin + 2 * height, top + height), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                    (255, 255, 255), thickness, cv2.LINE_AA)
     return out
 
 

@@ -263,8 +263,9 @@ class Scores:
         self.worst = WorstImages(colours=classes.colours() if classes else None)
 
     def add(self, path, image, probability, mask, truth):
-        if truth is None or truth.shape != mask.shape:
-            self.unscored.append(path.name)
+        if isinstance(truth, str) or truth.shape != mask.shape:
+            reason = truth if isinstance(truth, str) else f"its mask is {truth.shape[1]}x{truth.shape[0]}"
+            self.unscored.append(f"{path.name} ({reason})")
             return
         if self.classes:
             self.class_dice.append([dice_numpy(mask == k, truth == k) for k in range(1, len(self.classes))])
@@ -313,15 +314,15 @@ class Scores:
 
 
 def read_truth(image_path, mask_dir, classes=None):
-    """An image's true mask in mask_dir, as car/background or (classes) class indices; None where
-    it has none that can be read."""
+    """An image's true mask in mask_dir, as car/background or (classes) class indices; where it has
+    none that can be read, why (a string)."""
     mask_path = data_folder.find_mask(image_path, mask_dir)
+    if mask_path is None:
+        return "no mask"
     try:
-        if mask_path is None:
-            return None
         return classes.read(mask_path) if classes else image_files.read_mask(mask_path)
-    except ValueError:
-        return None
+    except ValueError as error:
+        return str(error).removeprefix(f"{mask_path}: ")
 
 
 class Outputs:

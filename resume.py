@@ -15,10 +15,10 @@ from utils import CheckpointError, all_finite, load_checkpoint
 RUN_SETTINGS = ("IMAGE_HEIGHT", "IMAGE_WIDTH", "BATCH_SIZE", "ACCUMULATE_STEPS", "CROP_HEIGHT", "CROP_WIDTH",
                 "LEARNING_RATE", "WARMUP", "HEAD_LR_FACTOR", "LOSS", "SEED", "VAL_FRACTION", "FEATURES", "THRESHOLD",
                 "EMA_DECAY", "BATCHNORM_IMAGES", "CHANNELS_LAST", "SYNC_BATCHNORM", "ENCODER", "ENCODER_WEIGHTS",
-                "ENCODER_LR_FACTOR")
+                "ENCODER_LR_FACTOR", "NUM_CLASSES")
 STEP_SETTINGS = ("BATCH_SIZE", "ACCUMULATE_STEPS")
 # Checkpoints from before a setting existed ran with what is now its default.
-EARLIER_DEFAULTS = {"ENCODER": "unet", "ENCODER_WEIGHTS": "none"}
+EARLIER_DEFAULTS = {"ENCODER": "unet", "ENCODER_WEIGHTS": "none", "NUM_CLASSES": 1}
 CONTINUED_SETTINGS = ("DATA_DIR", "NUM_EPOCHS")
 # A folder holds an earlier run when it holds one of its checkpoints: history.csv and val_files.txt
 # are written before the first one, and without it they are of a run that saved nothing.

@@ -493,11 +493,12 @@ def save_predictions_as_imgs(dataset, model, folder="saved_images", device="cpu"
     for index in indices:
         x, y = dataset[index]
         prediction, truth, _ = class_masks(forward(model, x[None], device, amp_dtype), y[None].to(device), threshold)
+        # Car: every pixel with some car share, as the true masks look at this size.
+        truth = (y[0] > 0).numpy() if colours is None else as_labels(truth)[0].cpu().numpy()
         image = (x.permute(1, 2, 0).numpy().clip(0, 1) * 255).astype(np.uint8)
         name = Path(dataset.samples[index].image).name
         path = folder / f"pred_{Path(name).stem}.png"
-        draw_panels([((image, mask_to_rgb(as_labels(truth)[0].cpu().numpy(), colours),
-                       mask_to_rgb(as_labels(prediction)[0].cpu().numpy(), colours)),
+        draw_panels([((image, mask_to_rgb(truth, colours), mask_to_rgb(as_labels(prediction)[0].cpu().numpy(), colours)),
                       (name, "true mask", "predicted mask"))], path)
         written.append(path)
     for stale in set(folder.glob("pred_*.png")) - set(written):

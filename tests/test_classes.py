@@ -2,11 +2,16 @@
 scored per class and written back in the training masks' encoding."""
 import csv
 import dataclasses
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_distributed import torchrun
+from torch.utils.data import DataLoader
 
 import classes
 import data_folder
@@ -15,7 +20,8 @@ import predict
 import synthetic
 import train
 import utils
-from conftest import LEARNS, tiny_args
+from conftest import LEARNS, ROOT, tiny_args
+from dataset import CarvanaDataset, val_transform
 from memory import step_bytes
 
 LABELS = np.zeros((40, 60), np.uint8)
@@ -50,7 +56,7 @@ def test_masks_of_each_encoding_are_read_as_classes_and_written_back_alike(tmp_p
     checked = image_files.mask_problem(path, classes=3)
     assert checked.problem is None and checked.codes == codes and checked.size == (60, 40)
     assert checked.kind == ("values" if kind == "values" else "colours")
-    found = classes.Classes(checked.kind, codes, *classes.palette_of(path, codes) if kind != "values" else ())
+    found = classes.encoding(checked.kind, codes, path)
     assert np.array_equal(found.read(path), LABELS)
     (tmp_path / "out.png").write_bytes(found.png(LABELS))
     with Image.open(tmp_path / "out.png") as written, Image.open(path) as original:
@@ -62,6 +68,22 @@ def test_masks_of_each_encoding_are_read_as_classes_and_written_back_alike(tmp_p
     assert "set NUM_CLASSES" in image_files.mask_problem(path).problem
 
 
+@pytest.mark.parametrize("kind", ["transparent palette", "16-bit values"])
+def test_masks_are_written_back_with_their_transparency_and_bit_depth(tmp_path, kind):
+    if kind == "16-bit values":
+        Image.fromarray(LABELS.astype(np.uint16)).save(tmp_path / "mask.png")  # 0, 1, 2 in 16 bits
+    else:  # a white background that the file declares transparent
+        image = Image.fromarray(LABELS, "P")
+        image.putpalette([255, 255, 255, *PALETTE[3:]])
+        image.save(tmp_path / "mask.png", transparency=0)
+    checked = image_files.mask_problem(tmp_path / "mask.png", classes=3)
+    found = classes.encoding(checked.kind, checked.codes, tmp_path / "mask.png")
+    (tmp_path / "out.png").write_bytes(found.png(LABELS))
+    with Image.open(tmp_path / "out.png") as written, Image.open(tmp_path / "mask.png") as original:
+        assert written.mode == original.mode and written.info.get("transparency") == original.info.get("transparency")
+    assert np.array_equal(found.read(tmp_path / "out.png"), LABELS)
+
+
 def test_lossy_masks_and_stray_values_are_refused_naming_the_file(tmp_path):
     Image.fromarray(np.array(PALETTE, np.uint8).reshape(-1, 3)[LABELS]).save(tmp_path / "mask.jpg")
     assert "JPEG mask" in image_files.mask_problem(tmp_path / "mask.jpg", classes=3).problem
@@ -70,6 +92,20 @@ def test_lossy_masks_and_stray_values_are_refused_naming_the_file(tmp_path):
     path = save_labels(tmp_path / "stray.png", stray, "values")
     with pytest.raises(ValueError, match=r"stray.png: holds 21, none of the classes \(0, 7, 14\)"):
         classes.Classes("values", (0, 7, 14)).read(path)
+
+
+def test_masks_without_black_or_of_background_alone_are_judged_in_one_line(labelled_root, tmp_path):
+    train_samples, val_samples = data_folder.training_split(labelled_root, 0.25, 1, classes=4)
+    # A mask of background alone saved as grey, among colour masks, is of either kind.
+    empty = save_labels(tmp_path / "empty.png", np.zeros((128, 192), np.uint8), "values")
+    blank = data_folder.check_pair(train_samples[0].image, empty, classes=4)
+    assert blank.sample.kind == "values" and blank.empty_mask
+    found, _ = classes.find_classes([*train_samples, blank.sample], val_samples, 4)
+    assert np.array_equal(found.read(empty), np.zeros((128, 192)))
+    # Masks with no background colour: background is counted, and the line says what was found.
+    no_black = [dataclasses.replace(s, codes=tuple(c for c in s.codes if c)) for s in train_samples]
+    with pytest.raises(SystemExit, match=r"hold 4 classes with the background: \(0, 0, 0\) \(0 masks\)"):
+        classes.find_classes(no_black, val_samples, 5)
 
 
 def test_class_shares_are_area_averages_that_add_up_to_one():
@@ -167,6 +203,21 @@ def test_a_labelled_folder_trains_predicts_in_its_own_palette_and_scores_per_cla
         assert written.getpalette()[:12] == synthetic.CLASS_PALETTE
         assert set(np.unique(np.asarray(written))) <= {0, 1, 2, 3}
 
+    # True masks of another kind are named with the reason.
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    for mask in (labelled_root / "train_masks").glob("*.png"):
+        save_labels(grey / mask.name, np.zeros((128, 192), np.uint8) + 1, "values")
+    predict.main(["--checkpoint", str(tmp_path / "checkpoints" / "best.pt"), "--input",
+                  str(tmp_path / "checkpoints" / "val_files.txt"), "--masks", str(grey), "--no-images",
+                  "--output", str(tmp_path / "grey_scores")])
+    assert "(holds label values, the classes are colours)" in capsys.readouterr().err
+
+    # A resume keeps the run's NUM_CLASSES without being told.
+    resumed = train.main(tiny_args(tmp_path, labelled_root, 9, *LEARNS, "--LOAD_MODEL=true"))
+    assert resumed["config"]["NUM_CLASSES"] == 4 and len(resumed["last"]["class_dice"]) == 3
+    capsys.readouterr()
+
     # A Kaggle submission holds car masks: one line, nothing written.
     status = predict.main(["--checkpoint", str(tmp_path / "checkpoints" / "best.pt"), "--input",
                            str(labelled_root / "train"), "--submission", str(tmp_path / "s.csv"), "--no-images"])
@@ -186,3 +237,28 @@ def test_the_memory_count_knows_the_output_classes():
     one = step_bytes({"features": (4, 8)}, (32, 48))[1]
     four = step_bytes({"features": (4, 8), "out_channels": 4}, (32, 48))[1]
     assert four > one
+
+
+def test_torchrun_scores_each_class_as_one_process_does(labelled_root, tmp_path):
+    args = tiny_args(tmp_path, labelled_root, 2, "--NUM_CLASSES=4", "--AMP=false", "--VAL_FRACTION=0.25")
+    run = subprocess.run([*torchrun(), "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"), *args],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    printed = [float(dice) for dice in re.findall(r"Dice (\d\.\d{4}) IoU", run.stdout)[-3:]]
+    state = utils.load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    found = classes.Classes.from_dict(state["classes"])
+    _, val_samples = data_folder.training_split(labelled_root, 0.25, 42, classes=4)
+    images = CarvanaDataset(val_samples, val_transform(), (32, 48), classes=found)
+    metrics = utils.evaluate(DataLoader(images, batch_size=4), utils.model_from_checkpoint(state), torch.device("cpu"))
+    assert printed == pytest.approx(metrics["class_dice"], abs=1e-4)
+
+
+def test_the_class_split_tool_gives_the_lowest_third_of_each_car_its_own_class(tmp_path):
+    sys.path.insert(0, str(ROOT / "tools"))
+    from class_split import three_classes
+
+    mask = np.zeros((40, 60), np.uint8)
+    mask[10:40, 5:20] = 1  # 30 rows: the last 10 are its lowest third
+    labels = three_classes(mask)
+    assert (labels[10:30, 5:20] == 1).all() and (labels[30:40, 5:20] == 2).all()
+    assert (labels[mask == 0] == 0).all()

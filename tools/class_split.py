@@ -14,8 +14,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import data_folder  # noqa: E402
-from image_files import read_mask  # noqa: E402
+import data_folder
+from image_files import read_mask
 
 PALETTE = [0, 0, 0, 0, 128, 0, 200, 0, 0]  # background black, car green, its lowest third red
 
