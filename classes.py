@@ -133,7 +133,8 @@ def find_classes(train, val, count, show=True):
         for code in sample.codes:
             holders[code].append(sample.mask.name)
     codes = tuple(sorted({0, *holders}))
-    classes = encoding(kind, codes, [sample for sample in train if sample.kind == kind][0].mask)
+    # Written as the mask holding the most classes is (its palette most likely holds them all).
+    classes = encoding(kind, codes, max(train, key=lambda sample: (sample.kind == kind, len(sample.codes))).mask)
     if len(codes) != count:
         found = ", ".join(f"{classes.code_name(code)} ({len(holders[code])} mask{'s' * (len(holders[code]) != 1)}"
                           f"{': ' + holders[code][0] if 0 < len(holders[code]) <= 2 else ''})" for code in codes[:12])
